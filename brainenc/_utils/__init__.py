@@ -1,0 +1,1 @@
+"""Internal helpers: validation, soft imports, atomic I/O, logging, data roots."""

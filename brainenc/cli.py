@@ -1,0 +1,234 @@
+"""The ``brainenc`` command line.
+
+Every sub-command works with its defaults (subject ``subj01``, the default data root), so
+``brainenc simulate && brainenc prepare`` just works. The data root is resolved the same way
+everywhere: ``--data-dir`` > ``$BRAINENC_DATA`` > ``~/brainenc_data``. Errors raised by
+brainenc are printed as one line (exit status 2); ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from brainenc import __version__
+from brainenc._utils.paths import nsd_root, prepared_root, resolve_data_dir, runs_root
+from brainenc.exceptions import BrainencError
+
+EPILOG = """\
+typical session:
+  brainenc simulate                      # write a simulated subject in the NSD on-disk format
+  brainenc prepare                       # betas -> z-scored, repeat-averaged arrays + manifest
+  brainenc info                          # what the prepared dataset holds
+  brainenc run pipelines/quickstart.toml # features -> ridge -> evaluation -> report
+
+data root: --data-dir > $BRAINENC_DATA > ~/brainenc_data
+  <root>/nsd       NSD release layout (nsddata/, nsddata_betas/, nsddata_stimuli/) or a simulated one
+  <root>/prepared  cached prepared datasets (one folder per set of choices)
+  <root>/features  cached stimulus features
+  <root>/runs      one folder per (pipeline, subject)
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=argparse.SUPPRESS,
+                   help="data root (default: $BRAINENC_DATA or ~/brainenc_data)")
+    p.add_argument("--nsd-root", default=argparse.SUPPRESS,
+                   help="NSD release root (default: <data root>/nsd)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set zscore=false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brainenc",
+        description="Encoding and decoding models of the visual brain on NSD-style fMRI.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"brainenc {__version__}")
+    parser.add_argument("--data-dir", default=None, help="data root (default: $BRAINENC_DATA or ~/brainenc_data)")
+    parser.add_argument("--nsd-root", default=None, help="NSD release root (default: <data root>/nsd)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="write a simulated subject in the exact NSD on-disk format",
+                       description="Write a simulated subject (expdesign .mat, stimuli hdf5, int16 NIfTI betas, "
+                                   "ROIs, ncsnr) plus a ground-truth file, under <data root>/nsd.")
+    _common(p)
+    p.add_argument("--subject", default="subj01", help="subject to simulate (default: subj01)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed -> identical files (default: 0)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing simulated subject")
+
+    p = sub.add_parser("prepare", help="betas -> z-scored, masked, repeat-averaged arrays (cached)",
+                       description="Read one subject's NSD betas session by session and write a prepared "
+                                   "dataset (responses, 73k image ids, split, ROI masks, noise ceiling, manifest) "
+                                   "under <data root>/prepared. A second call with the same choices is a cache hit.")
+    _common(p)
+    p.add_argument("--subject", default="subj01", help="subject (default: subj01)")
+    p.add_argument("--space", default=None, help="func1pt8mm | func1mm | fsaverage (default: func1pt8mm)")
+    p.add_argument("--beta-version", default=None,
+                   help="betas_assumehrf | betas_fithrf | betas_fithrf_GLMdenoise_RR (default: GLMdenoise_RR)")
+    p.add_argument("--split", default=None, help="shared1000 | shared515 | algonauts | nsd37 (default: shared1000)")
+    p.add_argument("--repeats", default=None, help="average | single (default: average)")
+    p.add_argument("--config", default=None, help="TOML file with prepare options ([prepare] table or top level)")
+
+    p = sub.add_parser("info", help="what prepared datasets hold (subjects, sessions, trials, splits, ROIs)")
+    _common(p)
+    p.add_argument("--subject", default=None, help="only this subject")
+    p.add_argument("path", nargs="?", default=None, help="a prepared dataset folder (default: all under the data root)")
+
+    p = sub.add_parser("sys-info", help="versions, devices and data roots")
+    _common(p)
+
+    p = sub.add_parser("run", help="run a pipeline spec (TOML) for one subject, resumably",
+                       description="Run the stages of a pipeline spec (prepare -> features -> fit -> evaluate -> "
+                                   "report). Finished stages are skipped; a changed config reruns what depends on it.")
+    _common(p)
+    p.add_argument("pipeline", nargs="?", default="pipelines/quickstart.toml",
+                   help="pipeline TOML (a path, or a name under pipelines/; default: quickstart)")
+    p.add_argument("--subject", default="subj01", help="subject (default: subj01)")
+    p.add_argument("--out", default=None, help="run folder (default: <data root>/runs/<pipeline>/<subject>)")
+    p.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
+    return parser
+
+
+def _roots(args) -> tuple[Path, Path]:
+    data_dir = resolve_data_dir(getattr(args, "data_dir", None))
+    nsd = Path(args.nsd_root).expanduser().resolve() if getattr(args, "nsd_root", None) else nsd_root(data_dir)
+    return data_dir, nsd
+
+
+def cmd_simulate(args) -> int:
+    from brainenc.config import apply_overrides, from_dict
+    from brainenc.datasets.simulate import SimulationConfig, simulate_subject
+
+    _, nsd = _roots(args)
+    cfg = from_dict(SimulationConfig, apply_overrides({"subject": args.subject, "seed": args.seed}, args.overrides))
+    t0 = time.perf_counter()
+    result = simulate_subject(nsd, cfg, overwrite=args.force)
+    print(f"simulated {cfg.subject} in {time.perf_counter() - t0:.1f} s")
+    print(f"  NSD-format files: {nsd}")
+    print(f"  ground truth:     {result.ground_truth_path}")
+    print("next: brainenc prepare")
+    return 0
+
+
+def _prepare_config(args):
+    from brainenc.config import apply_overrides, from_dict, load_toml
+    from brainenc.datasets.prepare import PrepareConfig
+
+    base: dict = {}
+    if args.config:
+        data = load_toml(args.config)
+        base = dict(data.get("prepare", data))
+    base["subject"] = args.subject
+    for key, attr in (("space", "space"), ("beta_version", "beta_version"), ("split", "split"), ("repeats", "repeats")):
+        if getattr(args, attr, None) is not None:
+            base[key] = getattr(args, attr)
+    return from_dict(PrepareConfig, apply_overrides(base, args.overrides))
+
+
+def cmd_prepare(args) -> int:
+    from brainenc.datasets.prepare import prepare_subject
+
+    data_dir, nsd = _roots(args)
+    cfg = _prepare_config(args)
+    t0 = time.perf_counter()
+    ds = prepare_subject(nsd, cfg, cache_root=prepared_root(data_dir))
+    state = "cache hit" if ds.cache_hit else f"prepared in {time.perf_counter() - t0:.1f} s"
+    print(f"{cfg.subject}: {state}")
+    print(f"  prepared dataset: {ds.path}")
+    print(f"  {ds.n_samples} samples x {ds.n_voxels} voxels; splits {ds.split_counts()}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from brainenc.datasets.prepare import list_prepared, load_prepared
+
+    data_dir, _ = _roots(args)
+    paths = [Path(args.path)] if args.path else list_prepared(prepared_root(data_dir), subject=args.subject)
+    if not paths:
+        print(f"no prepared datasets under {prepared_root(data_dir)}; run: brainenc prepare")
+        return 1
+    for p in paths:
+        print(load_prepared(p).describe())
+        print()
+    return 0
+
+
+def cmd_sys_info(args) -> int:
+    import importlib
+
+    data_dir, nsd = _roots(args)
+    print(f"brainenc   {__version__}")
+    print(f"python     {platform.python_version()} ({sys.executable})")
+    print(f"platform   {platform.platform()}; {os.cpu_count()} CPUs")
+    for mod in ("numpy", "scipy", "h5py", "nibabel", "sklearn", "skimage", "nilearn", "torch", "torchvision",
+                "safetensors", "open_clip", "timm", "triton", "himalaya", "diffusers"):
+        try:
+            m = importlib.import_module(mod)
+            print(f"{mod:<10} {getattr(m, '__version__', '?')}")
+        except Exception:  # noqa: BLE001 - optional packages may fail in many ways
+            print(f"{mod:<10} (not installed)")
+    try:
+        import torch
+
+        print(f"torch threads {torch.get_num_threads()}; CUDA available: {torch.cuda.is_available()}")
+        for i in range(torch.cuda.device_count()):
+            print(f"  cuda:{i} {torch.cuda.get_device_name(i)}")
+    except ImportError:
+        pass
+    print(f"data root  {data_dir} ({'exists' if data_dir.exists() else 'missing'}; "
+          f"from {'--data-dir' if getattr(args, 'data_dir', None) else ('$BRAINENC_DATA' if os.environ.get('BRAINENC_DATA') else 'default')})")
+    print(f"NSD root   {nsd} ({'exists' if nsd.exists() else 'missing'})")
+    print(f"runs       {runs_root(data_dir)}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from brainenc.workflows import run_pipeline
+
+    data_dir, nsd = _roots(args)
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    t0 = time.perf_counter()
+    run_dir = run_pipeline(args.pipeline, subject=args.subject, data_dir=data_dir, nsd_root=nsd,
+                           out=args.out, overrides=args.overrides, stages=stages)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    print(f"  run folder: {run_dir}")
+    report = Path(run_dir) / "report" / "index.md"
+    if report.exists():
+        print(f"  report:     {report}")
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "prepare": cmd_prepare, "info": cmd_info,
+            "sys-info": cmd_sys_info, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.quiet:
+        os.environ["BRAINENC_QUIET"] = "1"
+    try:
+        return COMMANDS[args.command](args)
+    except BrainencError as exc:
+        if args.debug:
+            raise
+        print(f"brainenc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"brainenc {args.command}: interrupted (finished stages are kept; rerun to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
