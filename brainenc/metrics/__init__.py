@@ -1,1 +1,28 @@
-"""brainenc.metrics"""
+"""brainenc.metrics: per-voxel scores as pure numpy functions (no torch import).
+
+``METRICS`` maps the names the CLI and pipeline specs use to ``fn(y_true, y_pred) -> [n_voxels]``.
+"""
+from brainenc.metrics.voxelwise import (
+    ncsnr_to_noise_ceiling,
+    noise_normalized,
+    pearson_r,
+    r2_score,
+    roi_aggregate,
+    split_scores,
+)
+from brainenc.registry import Registry
+
+METRICS = Registry("metric")
+METRICS.register("r", pearson_r, higher_is_better=True, description="per-voxel Pearson correlation")
+METRICS.register("pearson_r", pearson_r, higher_is_better=True, description="per-voxel Pearson correlation")
+METRICS.register("r2", r2_score, higher_is_better=True, description="per-voxel coefficient of determination")
+
+__all__ = [
+    "METRICS",
+    "pearson_r",
+    "r2_score",
+    "noise_normalized",
+    "roi_aggregate",
+    "split_scores",
+    "ncsnr_to_noise_ceiling",
+]

@@ -1,0 +1,208 @@
+"""Voxelwise ridge encoder: a thin scikit-learn shell over :mod:`brainenc.encoding._ridge_solvers`."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin
+
+from brainenc._utils.validation import check_array, check_option
+from brainenc.encoding._ridge_solvers import SCORINGS, solve_ridge_cv, solve_ridge_gcv
+from brainenc.exceptions import ConfigError, DataFormatError, NotFittedError
+
+__all__ = ["RidgeEncoder", "DEFAULT_ALPHAS"]
+
+#: Default penalty grid: 9 values from 1e-2 to 1e6 (features on the scale of z-scored units).
+DEFAULT_ALPHAS = np.logspace(-2, 6, 9)
+
+
+def check_xy(X, Y=None, *, n_features: int | None = None):
+    """Validate X [n, p] (and Y [n, v] or [n]) with one-line errors naming the argument.
+
+    Returns X as an ndarray and Y as a 2-D array (memmaps stay memmaps) plus a flag telling
+    whether Y was 1-D.
+    """
+    X = check_array(X, name="X", ndim=2)
+    if X.dtype.kind not in "fiu":
+        raise DataFormatError(f"'X' must be numeric; got dtype {X.dtype}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise DataFormatError(f"'X' must be non-empty; got shape {X.shape}")
+    if n_features is not None and X.shape[1] != n_features:
+        raise DataFormatError(f"'X' has {X.shape[1]} features but the encoder was fitted with {n_features}")
+    if Y is None:
+        return X, None, False
+    Y = check_array(Y, name="Y", ndim=(1, 2))
+    if Y.dtype.kind not in "fiu":
+        raise DataFormatError(f"'Y' must be numeric; got dtype {Y.dtype}")
+    if Y.shape[0] != X.shape[0]:
+        raise DataFormatError(f"'X' and 'Y' must have the same number of samples; got {X.shape[0]} and {Y.shape[0]}")
+    ravel = Y.ndim == 1
+    return X, (Y[:, None] if ravel else Y), ravel
+
+
+class RidgeEncoder(RegressorMixin, BaseEstimator):
+    """Voxelwise ridge regression with one penalty per voxel chosen by cross-validation.
+
+    Parameters
+    ----------
+    alphas : array-like of shape (n_alphas,) or None
+        Candidate penalties; None means ``DEFAULT_ALPHAS`` = ``np.logspace(-2, 6, 9)``.
+    cv : int, scikit-learn splitter, list of (train, test) index pairs, or None
+        K-fold scheme for ``solver="kfold"``. An int ``k`` is ``KFold(k)`` *without* shuffling
+        (contiguous folds; fMRI samples close in time are correlated). None selects GCV.
+    fit_intercept : bool
+        Fit one intercept per voxel (X and Y are centred on each fold's training rows).
+    scoring : {"r2", "neg_mse"}
+        Validation score averaged over folds to pick alphas (``"neg_mse"`` is himalaya's
+        default). GCV always ranks by LOO squared error.
+    alpha_per_target : bool
+        One alpha per voxel (default) or one shared alpha (best mean score).
+    solver : {"auto", "kfold", "gcv"}
+        ``"gcv"``: exact leave-one-out errors from one decomposition (as sklearn's RidgeCV with
+        ``cv=None``); ``"auto"``: GCV if ``cv is None`` else K-fold.
+    backend : {"numpy", "torch"}
+        Array library for the solver; torch runs the same code on ``device``.
+    device : str
+        "cpu" or a torch device such as "cuda" / "cuda:1" (torch backend only).
+    dtype : {"float32", "float64"}
+        Working dtype of the target-sized products (decompositions always use float64).
+    target_batch_size : int or None
+        Voxels per batch (bounds peak memory); None picks a batch with a ~256 MiB working set.
+    verbose : bool
+        Show a progress bar over voxel batches.
+
+    Attributes
+    ----------
+    coef_ : ndarray of shape (n_features, n_voxels)
+        Weights refit on all samples with each voxel's best alpha (shape (n_features,) if Y was 1-D).
+    intercept_ : ndarray of shape (n_voxels,)
+    best_alphas_ : ndarray of shape (n_voxels,)
+    cv_scores_ : ndarray of shape (n_alphas, n_voxels)
+        Mean validation score over folds per alpha (``scoring``), or LOO score for GCV.
+    alphas_ : ndarray of shape (n_alphas,)
+    n_features_in_ : int
+    solver_ : str
+        "kfold" or "gcv".
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X, B = rng.standard_normal((200, 10)), rng.standard_normal((10, 3))
+    >>> Y = X @ B + rng.standard_normal((200, 3))
+    >>> enc = RidgeEncoder(alphas=[0.1, 1, 10], cv=4).fit(X, Y)
+    >>> enc.score(X, Y).shape
+    (3,)
+    """
+
+    def __init__(self, alphas=None, cv=5, fit_intercept: bool = True, scoring: str = "r2",
+                 alpha_per_target: bool = True, solver: str = "auto", backend: str = "numpy",
+                 device: str = "cpu", dtype: str = "float32", target_batch_size: int | None = None,
+                 verbose: bool = False):
+        self.alphas = alphas
+        self.cv = cv
+        self.fit_intercept = fit_intercept
+        self.scoring = scoring
+        self.alpha_per_target = alpha_per_target
+        self.solver = solver
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype
+        self.target_batch_size = target_batch_size
+        self.verbose = verbose
+
+    def _check_params(self):
+        check_option("solver", self.solver, ["auto", "kfold", "gcv"])
+        check_option("backend", self.backend, ["numpy", "torch"])
+        check_option("dtype", self.dtype, ["float32", "float64"])
+        check_option("scoring", self.scoring, list(SCORINGS))
+        if self.target_batch_size is not None and (
+            isinstance(self.target_batch_size, bool) or not isinstance(self.target_batch_size, (int, np.integer))
+            or self.target_batch_size < 1
+        ):
+            raise ConfigError(f"'target_batch_size' must be None or an int >= 1; {self.target_batch_size!r} was provided")
+        solver = self.solver
+        if solver == "auto":
+            solver = "gcv" if self.cv is None else "kfold"
+        if solver == "kfold" and self.cv is None:
+            raise ConfigError("'cv' must not be None with solver='kfold' (use solver='gcv' for leave-one-out)")
+        alphas = DEFAULT_ALPHAS if self.alphas is None else self.alphas
+        return solver, alphas
+
+    def fit(self, X, Y):
+        """Fit per-voxel ridge models.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Stimulus features.
+        Y : array-like of shape (n_samples, n_voxels) or (n_samples,)
+            Responses; a memmap is read in voxel batches.
+
+        Returns
+        -------
+        self : RidgeEncoder
+        """
+        solver, alphas = self._check_params()
+        X, Y2, ravel = check_xy(X, Y)
+        progress = None
+        if self.verbose:
+            from brainenc._utils.logging import progress
+        common = dict(fit_intercept=self.fit_intercept, scoring=self.scoring, alpha_per_target=self.alpha_per_target,
+                      backend=self.backend, device=self.device, dtype=self.dtype,
+                      target_batch_size=self.target_batch_size, progress=progress)
+        if solver == "gcv":
+            res = solve_ridge_gcv(X, Y2, alphas, **common)
+        else:
+            res = solve_ridge_cv(X, Y2, alphas, self.cv, **common)
+        self.alphas_ = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
+        self.coef_ = res["coef"][:, 0] if ravel else res["coef"]
+        self.intercept_ = res["intercept"][0] if ravel else res["intercept"]
+        self.best_alphas_ = res["best_alphas"]
+        self.cv_scores_ = res["cv_scores"]
+        self.n_features_in_ = X.shape[1]
+        self.solver_ = solver
+        return self
+
+    def _check_fitted(self):
+        if not hasattr(self, "coef_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X, Y) first")
+
+    def predict(self, X):
+        """Predict voxel responses.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        Y_pred : ndarray of shape (n_samples, n_voxels) (or (n_samples,) if fitted on 1-D Y)
+        """
+        self._check_fitted()
+        X, _, _ = check_xy(X, n_features=self.n_features_in_)
+        return X.astype(self.dtype, copy=False) @ self.coef_ + self.intercept_
+
+    def score(self, X, Y, sample_weight=None):
+        """Per-voxel coefficient of determination R² of the predictions.
+
+        Unlike scikit-learn regressors, this returns one value **per voxel**, not their mean.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        Y : array-like of shape (n_samples, n_voxels)
+        sample_weight : None
+            Not supported (present for scikit-learn signature compatibility).
+
+        Returns
+        -------
+        r2 : ndarray of shape (n_voxels,)
+            As ``sklearn.metrics.r2_score(Y, Y_pred, multioutput="raw_values")``.
+        """
+        from brainenc.metrics import r2_score
+
+        if sample_weight is not None:
+            raise ConfigError("'sample_weight' is not supported by RidgeEncoder.score")
+        self._check_fitted()
+        X, Y2, _ = check_xy(X, Y, n_features=self.n_features_in_)
+        pred = self.predict(X)
+        return np.atleast_1d(r2_score(Y2, pred.reshape(Y2.shape)))
