@@ -1,0 +1,126 @@
+"""Checkpoints as safetensors + JSON (no pickle anywhere).
+
+A checkpoint folder holds ``model.safetensors``, ``optimizer.safetensors`` (every tensor of the
+optimizer state, keyed ``"<param index>.<name>"``), ``rng.safetensors`` and ``state.json`` (epoch,
+history, optimizer param groups and non-tensor state, scheduler state, RNG metadata). Folders are
+written completely before ``latest.json`` is atomically pointed at them, so a process killed
+mid-write leaves the previous checkpoint valid.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from brainenc._utils.io import atomic_path, read_json, write_json
+from brainenc.exceptions import DataFormatError
+
+__all__ = ["save_tensors", "load_tensors", "optimizer_to_parts", "optimizer_from_parts", "save_checkpoint",
+           "load_checkpoint", "latest_checkpoint"]
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Atomic safetensors write (tensors made contiguous, moved to CPU, storage unshared)."""
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file with an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: file not found")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types
+        raise DataFormatError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def optimizer_to_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors and a JSON structure."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        entry = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v
+                entry[k] = {"tensor": f"{idx}.{k}"}
+            else:
+                entry[k] = {"value": v}
+        state[str(idx)] = entry
+    groups = []
+    for g in sd["param_groups"]:
+        groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
+    return tensors, {"state": state, "param_groups": groups}
+
+
+def optimizer_from_parts(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], struct: dict[str, Any]) -> None:
+    """Load parts written by :func:`optimizer_to_parts` into ``optimizer``."""
+    state = {}
+    for idx, entry in struct["state"].items():
+        state[int(idx)] = {k: (tensors[v["tensor"]] if "tensor" in v else v["value"]) for k, v in entry.items()}
+    groups = []
+    for g in struct["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(root: str | Path, epoch: int, *, model_state: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, rng_tensors: dict[str, torch.Tensor], state: dict[str, Any],
+                    keep: int = 1) -> Path:
+    """Write ``root/epoch-XXXX/`` and point ``root/latest.json`` at it; keep the ``keep`` newest.
+
+    Returns
+    -------
+    Path of the checkpoint folder.
+    """
+    root = Path(root)
+    folder = root / f"epoch-{epoch:04d}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    save_tensors(folder / "model.safetensors", model_state)
+    opt_tensors, opt_struct = optimizer_to_parts(optimizer)
+    save_tensors(folder / "optimizer.safetensors", opt_tensors)
+    save_tensors(folder / "rng.safetensors", rng_tensors)
+    write_json(folder / "state.json", {**state, "epoch": epoch, "optimizer": opt_struct})
+    write_json(root / "latest.json", {"folder": folder.name, "epoch": epoch})
+    old = sorted(p for p in root.glob("epoch-*") if p.is_dir() and p != folder)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return folder
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """Folder named by ``root/latest.json``, or None when there is no checkpoint."""
+    pointer = Path(root) / "latest.json"
+    if not pointer.is_file():
+        return None
+    folder = Path(root) / read_json(pointer)["folder"]
+    if not (folder / "state.json").is_file():
+        raise DataFormatError(f"{pointer}: names {folder.name}, which has no state.json")
+    return folder
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint folder.
+
+    Returns
+    -------
+    dict with ``model`` (tensors), ``optimizer_tensors``, ``rng`` (tensors) and ``state`` (JSON).
+    """
+    folder = Path(folder)
+    return {"model": load_tensors(folder / "model.safetensors", device),
+            "optimizer_tensors": load_tensors(folder / "optimizer.safetensors", device),
+            "rng": load_tensors(folder / "rng.safetensors"),
+            "state": read_json(folder / "state.json")}
