@@ -1,0 +1,697 @@
+"""Readers for the raw NSD release files (spec: ``shared/reference/nsd_format.md``).
+
+Everything here is numpy/h5py/nibabel/scipy only. Index bases follow the spec's §0 cheat sheet and
+are converted once, on reading: inside brainenc 73k image ids are **0-based**, sessions are
+**1-based**, trials (within session and global) are **0-based**, 10k slots are **0-based**
+(``masterordering`` value − 1).
+
+Readers validate cheaply (existence, header shape/dtype, file size or gzip trailer) so that a bad
+file fails with a one-line :class:`~brainenc.exceptions.DataFormatError` naming it *before* a long
+prepare starts (:func:`check_betas_file`), and again while streaming (corrupt payloads, NaN/inf).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from brainenc._utils.validation import check_option, check_subject
+from brainenc.datasets import layout
+from brainenc.exceptions import DataFormatError
+
+__all__ = [
+    "Expdesign",
+    "TrialTable",
+    "NSDStimuli",
+    "load_expdesign",
+    "trial_table",
+    "file_identity",
+    "check_betas_file",
+    "read_betas_session",
+    "iter_betas_chunks",
+    "load_volume",
+    "load_roi_volume",
+    "load_roi_surface",
+    "load_surface_values",
+    "parse_ctab",
+    "read_ctab",
+    "load_ncsnr",
+]
+
+_MGH_HEADER_BYTES = 284
+
+
+# ----------------------------------------------------------------------------------------------
+# experimental design
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Expdesign:
+    """The three fields of ``nsd_expdesign.mat`` that readers use, converted to 0-based ints.
+
+    Attributes
+    ----------
+    masterordering : ndarray of int64, shape (30000,)
+        Global trial -> 10k slot, **0-based** (file value − 1).
+    subjectim : ndarray of int64, shape (8, 10000)
+        ``subjectim[s-1, slot]`` = 0-based 73k id of subject ``s``'s slot.
+    sharedix : ndarray of int64, shape (1000,)
+        0-based 73k ids of the shared1000 images, ascending.
+    path : Path
+        The file read.
+    """
+
+    masterordering: np.ndarray
+    subjectim: np.ndarray
+    sharedix: np.ndarray
+    path: Path
+
+
+def _mat_field(mat: dict, key: str, shape: tuple[int, ...], lo: int, hi: int, path: Path) -> np.ndarray:
+    if key not in mat:
+        raise DataFormatError(f"{path}: missing field '{key}'; expected masterordering, subjectim, sharedix")
+    arr = np.asarray(mat[key])
+    if arr.shape != shape:
+        raise DataFormatError(f"{path}: field '{key}' must have shape {shape}; found {arr.shape}")
+    if arr.dtype.kind not in "iuf":
+        raise DataFormatError(f"{path}: field '{key}' must be numeric; found dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and (not np.isfinite(arr).all() or (arr != np.rint(arr)).any()):
+        raise DataFormatError(f"{path}: field '{key}' must hold integers; found non-integer values")
+    out = arr.astype(np.int64)
+    if out.size and (out.min() < lo or out.max() > hi):
+        raise DataFormatError(f"{path}: field '{key}' values must lie in [{lo}, {hi}] (1-based); "
+                              f"found [{out.min()}, {out.max()}]")
+    return out
+
+
+def load_expdesign(path: str | Path) -> Expdesign:
+    """Read ``nsd_expdesign.mat`` (a path to the file, or an NSD root).
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.mat`` file, or an NSD root (then :func:`layout.expdesign_path` is used).
+
+    Returns
+    -------
+    Expdesign
+        0-based arrays: masterordering (30000,), subjectim (8, 10000), sharedix (1000,).
+
+    Raises
+    ------
+    DataFormatError
+        Missing/unreadable file, missing field, wrong shape, or values outside the 1-based ranges
+        (73k ids in 1..73000, slots in 1..10000).
+    """
+    import scipy.io
+
+    p = Path(path)
+    if p.is_dir():
+        p = layout.expdesign_path(p)
+    if not p.is_file():
+        raise DataFormatError(f"{p}: experimental design file not found")
+    try:
+        mat = scipy.io.loadmat(p)
+    except (ValueError, OSError, TypeError, NotImplementedError) as exc:
+        raise DataFormatError(f"{p}: not a readable MATLAB v5 .mat file ({exc})") from None
+    mo = _mat_field(mat, "masterordering", (1, 30000), 1, layout.N_SLOTS_10K, p)[0] - 1
+    si = _mat_field(mat, "subjectim", (8, layout.N_SLOTS_10K), 1, layout.N_IMAGES_73K, p) - 1
+    sh = _mat_field(mat, "sharedix", (1, layout.N_SHARED), 1, layout.N_IMAGES_73K, p)[0] - 1
+    return Expdesign(masterordering=mo, subjectim=si, sharedix=sh, path=p)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialTable:
+    """One row per completed trial of one subject, chronological.
+
+    Attributes
+    ----------
+    subject : str
+    session : ndarray of int64, shape (n_trials,)
+        1-based session.
+    trial : ndarray of int64, shape (n_trials,)
+        0-based trial within the session (0..749).
+    global_trial : ndarray of int64, shape (n_trials,)
+        0-based global trial, ``(session-1)*750 + trial``; row of a MindEye2 ``betas`` array.
+    image_id : ndarray of int64, shape (n_trials,)
+        0-based 73k id (row of ``imgBrick``).
+    slot : ndarray of int64, shape (n_trials,)
+        0-based 10k slot (``masterordering`` value − 1); slots < 1000 are the shared images.
+    repeat : ndarray of int64, shape (n_trials,)
+        0-based chronological occurrence of the slot (0, 1, 2).
+    n_sessions : int
+    """
+
+    subject: str
+    session: np.ndarray
+    trial: np.ndarray
+    global_trial: np.ndarray
+    image_id: np.ndarray
+    slot: np.ndarray
+    repeat: np.ndarray
+    n_sessions: int
+
+    @property
+    def n_trials(self) -> int:
+        return int(self.session.shape[0])
+
+    @property
+    def shared(self) -> np.ndarray:
+        """bool (n_trials,): trial shows a shared1000 image."""
+        return self.slot < layout.N_SHARED
+
+    def session_rows(self, session: int) -> np.ndarray:
+        """Row indices (int64) of a 1-based session (a contiguous block of 750)."""
+        start = (session - 1) * layout.TRIALS_PER_SESSION
+        return np.arange(start, start + layout.TRIALS_PER_SESSION, dtype=np.int64)
+
+
+def trial_table(expdesign: Expdesign, subject: str, n_sessions: int) -> TrialTable:
+    """The trial -> image table of ``subject`` over its first ``n_sessions`` sessions.
+
+    Implements the spec's canonical lookup: ``slot = masterordering[t]``,
+    ``image = subjectim[s-1, slot]`` (both already 0-based in :class:`Expdesign`).
+
+    Parameters
+    ----------
+    expdesign : Expdesign
+    subject : str
+        ``"subj01"`` .. ``"subj08"``.
+    n_sessions : int
+        Completed sessions (``layout.n_sessions(root, subject)``), 1..40.
+
+    Returns
+    -------
+    TrialTable
+        ``n_sessions * 750`` rows.
+    """
+    subject = check_option("subject", check_subject(subject), layout.SUBJECTS)
+    max_sessions = expdesign.masterordering.shape[0] // layout.TRIALS_PER_SESSION
+    if not (isinstance(n_sessions, (int, np.integer)) and 1 <= n_sessions <= max_sessions):
+        raise DataFormatError(f"{subject}: number of sessions must be in 1..{max_sessions}; found {n_sessions!r}")
+    n = int(n_sessions) * layout.TRIALS_PER_SESSION
+    t = np.arange(n, dtype=np.int64)
+    slot = expdesign.masterordering[:n]
+    image = expdesign.subjectim[int(subject[4:]) - 1, slot]
+    # repeat index = number of earlier occurrences of the same slot (stable sort keeps time order)
+    order = np.argsort(slot, kind="stable")
+    sorted_slots = slot[order]
+    first = np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]
+    group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    repeat = np.empty(n, dtype=np.int64)
+    repeat[order] = np.arange(n) - group_start
+    return TrialTable(subject=subject, session=t // layout.TRIALS_PER_SESSION + 1,
+                      trial=t % layout.TRIALS_PER_SESSION, global_trial=t, image_id=image,
+                      slot=slot.copy(), repeat=repeat, n_sessions=int(n_sessions))
+
+
+# ----------------------------------------------------------------------------------------------
+# stimuli
+# ----------------------------------------------------------------------------------------------
+def file_identity(path: str | Path) -> dict:
+    """``{"path", "size", "mtime_ns"}`` of a file (what cache keys hash; content is not read)."""
+    p = Path(path)
+    st = p.stat()
+    return {"path": str(p.resolve()), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+class NSDStimuli:
+    """Lazy reader of ``nsd_stimuli.hdf5`` (dataset ``imgBrick``, uint8 (N, 425, 425, 3)) by 0-based 73k id.
+
+    Satisfies the features image protocol: ``read(ids) -> uint8 [n, H, W, 3]`` and ``identity() -> str``.
+    The file is opened per :meth:`read` call (no handle is held, so instances are cheap to pass around).
+
+    Parameters
+    ----------
+    path : str or Path
+        ``nsd_stimuli.hdf5`` (or an NSD root).
+    key : str
+        Dataset name, ``"imgBrick"`` in the release.
+    """
+
+    def __init__(self, path: str | Path, key: str = "imgBrick"):
+        p = Path(path)
+        if p.is_dir():
+            p = layout.stimuli_path(p)
+        self.path = p
+        self.key = key
+        self.shape, self.dtype = self._header()
+
+    def _header(self) -> tuple[tuple[int, ...], np.dtype]:
+        import h5py
+
+        if not self.path.is_file():
+            raise DataFormatError(f"{self.path}: stimulus file not found")
+        try:
+            with h5py.File(self.path, "r") as f:
+                if self.key not in f:
+                    raise DataFormatError(f"{self.path}: dataset '{self.key}' not found; found {sorted(f.keys())}")
+                ds = f[self.key]
+                shape, dtype = tuple(ds.shape), ds.dtype
+        except OSError as exc:
+            raise DataFormatError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+        if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8:
+            raise DataFormatError(f"{self.path}: '{self.key}' must be uint8 (N, H, W, 3); found {dtype} {shape}")
+        return shape, dtype
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def identity(self) -> str:
+        """``path|size|mtime_ns|shape``: changes whenever the file is rewritten."""
+        ident = file_identity(self.path)
+        return f"{ident['path']}|{ident['size']}|{ident['mtime_ns']}|{self.shape}"
+
+    def read(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Images of 0-based 73k ``ids`` (any order, duplicates allowed).
+
+        Parameters
+        ----------
+        ids : array-like of int, shape (n,)
+
+        Returns
+        -------
+        ndarray of uint8, shape (n, H, W, 3)
+            ``out[i] = imgBrick[ids[i]]``.
+        """
+        import h5py
+
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise DataFormatError(f"image ids must be a 1-D integer array; found {ids.dtype} {ids.shape}")
+        ids = ids.astype(np.int64)
+        if ids.size == 0:
+            return np.empty((0,) + self.shape[1:], dtype=np.uint8)
+        if ids.min() < 0 or ids.max() >= self.shape[0]:
+            raise DataFormatError(f"{self.path}: 73k ids must lie in [0, {self.shape[0] - 1}] (0-based); "
+                                  f"found [{ids.min()}, {ids.max()}]")
+        # h5py fancy indexing needs increasing unique indices: read sorted unique, then reorder
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        try:
+            with h5py.File(self.path, "r") as f:
+                block = f[self.key][uniq]
+        except OSError as exc:
+            raise DataFormatError(f"{self.path}: failed to read images ({exc})") from None
+        return block[inverse.reshape(-1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# raw binary streaming (NIfTI / MGH, plain or gzip)
+# ----------------------------------------------------------------------------------------------
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def _check_payload_size(path: Path, offset: int, nbytes: int, what: str) -> None:
+    """Cheap truncation check: file size (plain) or the gzip ISIZE trailer (compressed)."""
+    size = path.stat().st_size
+    if _is_gzip(path):
+        if size < 18:
+            raise DataFormatError(f"{path}: truncated gzip {what} ({size} bytes)")
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            isize = struct.unpack("<I", fh.read(4))[0]
+        expected = (offset + nbytes) % (1 << 32)
+        if isize != expected:
+            raise DataFormatError(f"{path}: truncated or corrupt gzip {what}: expected {offset + nbytes} "
+                                  f"uncompressed bytes (mod 2^32 = {expected}), trailer says {isize}")
+    elif size < offset + nbytes:
+        raise DataFormatError(f"{path}: truncated {what}: expected at least {offset + nbytes} bytes; found {size}")
+
+
+def _open_raw(path: Path):
+    return gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")
+
+
+def _stream_fortran(path: Path, offset: int, dtype: np.dtype, vol_size: int, n_t: int,
+                    flat_index: np.ndarray | None, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(t0, block)`` with block (k, n_sel) of raw values for trials t0..t0+k-1.
+
+    The file stores a Fortran-ordered (..., n_t) array: each trial is a contiguous run of
+    ``vol_size`` values, so a sequential read of ``chunk`` trials at a time never seeks back.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    try:
+        with _open_raw(path) as fh:
+            fh.seek(offset)
+            for t0 in range(0, n_t, chunk):
+                k = min(chunk, n_t - t0)
+                want = k * vol_size * itemsize
+                buf = fh.read(want)
+                if len(buf) != want:
+                    raise DataFormatError(f"{path}: truncated data: expected {want} bytes for trials "
+                                          f"{t0}..{t0 + k - 1}; found {len(buf)}")
+                block = np.frombuffer(buf, dtype=dtype).reshape(k, vol_size)
+                yield t0, (block if flat_index is None else block[:, flat_index])
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataFormatError(f"{path}: corrupt or truncated file ({type(exc).__name__}: {exc})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# betas
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BetasHeader:
+    """What :func:`check_betas_file` learned from a header (no payload read)."""
+
+    path: Path
+    kind: str  # "nifti" | "hdf5" | "mgh"
+    shape: tuple[int, ...]  # nibabel-order shape for nifti/mgh ((X,Y,Z,T) / (V,1,1,T)); h5py shape for hdf5
+    dtype: np.dtype
+    offset: int = 0
+    slope: float = 1.0
+    inter: float = 0.0
+
+
+def _nifti_header(path: Path) -> BetasHeader:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
+        raise DataFormatError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    hdr = img.header
+    slope, inter = hdr.get_slope_inter()
+    return BetasHeader(path=path, kind="nifti", shape=tuple(int(s) for s in img.shape),
+                       dtype=hdr.get_data_dtype(), offset=int(img.dataobj.offset),
+                       slope=1.0 if slope is None else float(slope), inter=0.0 if inter is None else float(inter))
+
+
+def _mgh_header(path: Path) -> BetasHeader:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise DataFormatError(f"{path}: not a readable MGH file ({type(exc).__name__}: {exc})") from None
+    return BetasHeader(path=path, kind="mgh", shape=tuple(int(s) for s in img.shape),
+                       dtype=img.header.get_data_dtype(), offset=_MGH_HEADER_BYTES)
+
+
+def check_betas_file(path: str | Path, *, kind: str, shape: tuple[int, ...] | None = None,
+                     n_trials: int = layout.TRIALS_PER_SESSION) -> BetasHeader:
+    """Validate one session's betas file from its header (cheap; no payload decoded).
+
+    Parameters
+    ----------
+    path : str or Path
+    kind : {"nifti", "hdf5", "mgh"}
+    shape : tuple of int, optional
+        Expected spatial shape: (X, Y, Z) for volumes (HDF5 must then be (T, Z, Y, X)); (V,) for mgh.
+        None accepts any spatial shape.
+    n_trials : int
+        Expected trial count (750).
+
+    Returns
+    -------
+    BetasHeader
+
+    Raises
+    ------
+    DataFormatError
+        Missing file, unreadable header, wrong shape or dtype (volumes: int16; mgh: float32),
+        truncated payload.
+    """
+    import h5py
+
+    path = Path(path)
+    check_option("kind", kind, ("nifti", "hdf5", "mgh"))
+    if not path.is_file():
+        raise DataFormatError(f"{path}: betas file not found")
+    if kind == "hdf5":
+        try:
+            with h5py.File(path, "r") as f:
+                if "betas" not in f:
+                    raise DataFormatError(f"{path}: dataset 'betas' not found; found {sorted(f.keys())}")
+                ds = f["betas"]
+                hshape, hdtype = tuple(ds.shape), ds.dtype
+        except OSError as exc:
+            raise DataFormatError(f"{path}: not a readable HDF5 file ({exc})") from None
+        want = None if shape is None else (n_trials,) + tuple(shape)[::-1]
+        if len(hshape) != 4 or hshape[0] != n_trials or (want is not None and hshape != want):
+            exp = want if want is not None else f"({n_trials}, Z, Y, X)"
+            raise DataFormatError(f"{path}: 'betas' must have h5py shape {exp} (axes reversed from NIfTI); found {hshape}")
+        if (hdtype.kind, hdtype.itemsize) != ("i", 2):
+            raise DataFormatError(f"{path}: 'betas' must be int16 (PSC x 300); found {hdtype}")
+        return BetasHeader(path=path, kind="hdf5", shape=hshape, dtype=hdtype)
+    hdr = _nifti_header(path) if kind == "nifti" else _mgh_header(path)
+    if kind == "nifti":
+        want = None if shape is None else tuple(shape) + (n_trials,)
+        if len(hdr.shape) != 4 or hdr.shape[3] != n_trials or (want is not None and hdr.shape != want):
+            raise DataFormatError(f"{path}: betas must have shape {want or f'(X, Y, Z, {n_trials})'}; found {hdr.shape}")
+        if (hdr.dtype.kind, hdr.dtype.itemsize) != ("i", 2):
+            raise DataFormatError(f"{path}: betas must be int16 (PSC x 300); found {hdr.dtype}")
+    else:
+        want = None if shape is None else (int(shape[0]), 1, 1, n_trials)
+        if len(hdr.shape) != 4 or hdr.shape[1:] != (1, 1, n_trials) or (want is not None and hdr.shape != want):
+            raise DataFormatError(f"{path}: fsaverage betas must have shape {want or f'(V, 1, 1, {n_trials})'}; found {hdr.shape}")
+        if (hdr.dtype.kind, hdr.dtype.itemsize) != ("f", 4):
+            raise DataFormatError(f"{path}: fsaverage betas must be float32 PSC; found {hdr.dtype}")
+    _check_payload_size(path, hdr.offset, int(np.prod(hdr.shape)) * hdr.dtype.itemsize, "betas")
+    return hdr
+
+
+def _fortran_flat(indices_xyz: np.ndarray, shape_xyz: tuple[int, int, int]) -> np.ndarray:
+    """Flat Fortran index ``i + X*(j + Y*k)`` of (n, 3) voxel indices (also the C index over (Z,Y,X))."""
+    X, Y, _ = shape_xyz
+    ijk = np.asarray(indices_xyz, dtype=np.int64)
+    return ijk[:, 0] + X * (ijk[:, 1] + Y * ijk[:, 2])
+
+
+def iter_betas_chunks(header: BetasHeader, select: np.ndarray | None, chunk: int = 50) -> Iterator[tuple[int, np.ndarray]]:
+    """Stream one session as float32 PSC blocks ``(t0, block[k, n_sel])``.
+
+    Parameters
+    ----------
+    header : BetasHeader
+        From :func:`check_betas_file`.
+    select : ndarray of int64 or None
+        Volumes: (n_sel, 3) voxel indices (i, j, k) on the NIfTI (X, Y, Z) grid, in the order wanted.
+        mgh: (n_sel,) vertex indices. None = every voxel/vertex (Fortran order for volumes).
+    chunk : int
+        Trials per block (NIfTI/mgh) — bounds memory at ``chunk * n_grid`` raw values.
+
+    Yields
+    ------
+    t0 : int
+        First trial of the block (0-based within the session).
+    block : ndarray of float32, shape (k, n_sel)
+        Volumes: int16 / 300 (× NIfTI scaling when set); mgh: float32 as stored (no /300).
+    """
+    path = header.path
+    if header.kind == "hdf5":
+        yield 0, _read_hdf5_session(header, select)
+        return
+    if header.kind == "nifti":
+        X, Y, Z, T = header.shape
+        flat = None if select is None else _fortran_flat(select, (X, Y, Z))
+        scaled = header.slope != 1.0 or header.inter != 0.0
+        for t0, raw in _stream_fortran(path, header.offset, header.dtype, X * Y * Z, T, flat, chunk):
+            out = raw.astype(np.float32)
+            if scaled:  # NIfTI scl_slope/scl_inter (unset in the release) apply before the /300
+                out = out * np.float32(header.slope) + np.float32(header.inter)
+            out /= np.float32(300.0)
+            yield t0, out
+        return
+    V, _, _, T = header.shape
+    for t0, raw in _stream_fortran(path, header.offset, header.dtype, V, T, select, chunk):
+        yield t0, raw.astype(np.float32)
+
+
+def _read_hdf5_session(header: BetasHeader, select: np.ndarray | None, slab: int = 8) -> np.ndarray:
+    """All 750 trials of an HDF5 session, reading Z-slabs of the mask's bounding box.
+
+    Volumetric HDF5 is chunked per voxel (750, 1, 1, 1): reading by trial would touch every chunk
+    per trial, so read slabs of whole trials over a few Z slices and pick the selected voxels.
+    """
+    import h5py
+
+    T, Z, Y, X = header.shape
+    if select is None:
+        ii, jj, kk = (a.ravel() for a in np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij"))
+        # Fortran order over (X, Y, Z), as for NIfTI with select=None
+        order = np.lexsort((ii, jj, kk))
+        select = np.stack([ii[order], jj[order], kk[order]], axis=1)
+    sel = np.asarray(select, dtype=np.int64)
+    out = np.empty((T, sel.shape[0]), dtype=np.float32)
+    if sel.shape[0] == 0:
+        return out
+    k_lo, k_hi = int(sel[:, 2].min()), int(sel[:, 2].max()) + 1
+    try:
+        with h5py.File(header.path, "r") as f:
+            ds = f["betas"]
+            for k0 in range(k_lo, k_hi, slab):
+                k1 = min(k0 + slab, k_hi)
+                rows = np.nonzero((sel[:, 2] >= k0) & (sel[:, 2] < k1))[0]
+                if rows.size == 0:
+                    continue
+                block = ds[:, k0:k1, :, :]  # (T, k, Y, X): h5[t, k, j, i] == nii[i, j, k, t]
+                vals = block[:, sel[rows, 2] - k0, sel[rows, 1], sel[rows, 0]]
+                out[:, rows] = vals.astype(np.float32) / np.float32(300.0)
+    except OSError as exc:
+        raise DataFormatError(f"{header.path}: corrupt HDF5 betas ({exc})") from None
+    return out
+
+
+def read_betas_session(path: str | Path, *, kind: str, select: np.ndarray | None = None,
+                       shape: tuple[int, ...] | None = None, check_finite: bool = True) -> np.ndarray:
+    """Read one whole session's betas as float32 % signal change.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``betas_sessionNN.nii.gz`` / ``.hdf5`` or ``{lh,rh}.betas_sessionNN.mgh``.
+    kind : {"nifti", "hdf5", "mgh"}
+    select : ndarray, optional
+        (n_sel, 3) voxel indices for volumes, (n_sel,) vertices for mgh; None = all.
+    shape : tuple, optional
+        Expected spatial shape ((X, Y, Z) or (V,)).
+    check_finite : bool
+        Raise on NaN/inf.
+
+    Returns
+    -------
+    ndarray of float32, shape (750, n_sel)
+    """
+    hdr = check_betas_file(path, kind=kind, shape=shape)
+    blocks = [b for _, b in iter_betas_chunks(hdr, select)]
+    out = np.concatenate(blocks, axis=0) if blocks else np.empty((0, 0), np.float32)
+    if check_finite and not np.isfinite(out).all():
+        raise DataFormatError(f"{hdr.path}: betas contain {int((~np.isfinite(out)).sum())} NaN/inf values "
+                              "in the selected voxels")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# volumes, ROIs, label tables, ncsnr
+# ----------------------------------------------------------------------------------------------
+def load_volume(path: str | Path, shape: tuple[int, int, int] | None = None, what: str = "volume"):
+    """Load a 3-D NIfTI (mask, ROI, ncsnr) fully, validated.
+
+    Returns
+    -------
+    data : ndarray of float64, shape (X, Y, Z)
+    affine : ndarray of float64, shape (4, 4)
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataFormatError(f"{p}: {what} file not found")
+    try:
+        img = nib.load(str(p))
+        data = np.asarray(img.get_fdata(dtype=np.float64))
+    except Exception as exc:  # noqa: BLE001
+        raise DataFormatError(f"{p}: not a readable NIfTI {what} ({type(exc).__name__}: {exc})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataFormatError(f"{p}: {what} must be 3-D (X, Y, Z); found shape {data.shape}")
+    if shape is not None and tuple(data.shape) != tuple(shape):
+        raise DataFormatError(f"{p}: {what} grid {tuple(data.shape)} does not match the betas grid {tuple(shape)}")
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
+def _as_labels(data: np.ndarray, path: Path, what: str) -> np.ndarray:
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise DataFormatError(f"{path}: {what} contains {int((~finite).sum())} NaN/inf values")
+    lab = np.rint(data).astype(np.int64)
+    if lab.size and lab.min() < -1:
+        raise DataFormatError(f"{path}: {what} labels must be -1, 0 or positive integers; found minimum {lab.min()}")
+    return lab
+
+
+def load_roi_volume(path: str | Path, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Volume ROI as integer labels (−1 = not cortex, 0 = unlabelled, k > 0 = label), compared after rint.
+
+    Returns
+    -------
+    ndarray of int64, shape (X, Y, Z)
+    """
+    data, _ = load_volume(path, shape, what="ROI volume")
+    return _as_labels(data, Path(path), "ROI volume")
+
+
+def load_surface_values(path: str | Path, n_vertices: int | None = None, what: str = "surface file") -> np.ndarray:
+    """A per-vertex ``.mgh``/``.mgz`` (nibabel shape (V, 1, 1)) as float64 (V,)."""
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataFormatError(f"{p}: {what} not found")
+    try:
+        img = nib.load(str(p))
+        shape = tuple(int(s) for s in img.shape)
+        if len(shape) < 1 or any(s != 1 for s in shape[1:]):
+            raise DataFormatError(f"{p}: {what} must have nibabel shape (V, 1, 1); found {shape}")
+        data = np.asarray(img.get_fdata(dtype=np.float64)).reshape(-1)
+    except DataFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise DataFormatError(f"{p}: not a readable MGH {what} ({type(exc).__name__}: {exc})") from None
+    if n_vertices is not None and data.shape[0] != n_vertices:
+        raise DataFormatError(f"{p}: {what} has {data.shape[0]} vertices; the betas have {n_vertices}")
+    return data
+
+
+def load_roi_surface(path: str | Path, n_vertices: int | None = None) -> np.ndarray:
+    """fsaverage label ``{lh,rh}.NAME.mgz`` as int64 labels (V,)."""
+    return _as_labels(load_surface_values(path, n_vertices, "surface ROI"), Path(path), "surface ROI")
+
+
+def parse_ctab(text: str, source: str = "ctab") -> dict[int, str]:
+    """Parse a ``NAME.mgz.ctab`` label table: one ``<int> <name>`` per line, split on the first whitespace.
+
+    Returns
+    -------
+    dict of int -> str
+        Includes ``0: 'Unknown'`` when present in the file.
+    """
+    table: dict[int, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2 or not parts[0].lstrip("-").isdigit():
+            raise DataFormatError(f"{source}: line {n} must look like '<int> <name>'; found {line!r}")
+        table[int(parts[0])] = parts[1].strip()
+    return table
+
+
+def read_ctab(path: str | Path) -> dict[int, str]:
+    """Read and parse a ``.ctab`` file (see :func:`parse_ctab`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataFormatError(f"{p}: label table not found")
+    return parse_ctab(p.read_text(), source=str(p))
+
+
+def load_ncsnr(root: str | Path, subject: str, space: str, beta_version: str,
+               shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, list[Path]]:
+    """The release's ncsnr map.
+
+    Returns
+    -------
+    ncsnr : ndarray of float64
+        (X, Y, Z) for volumes; (V_lh + V_rh,) for fsaverage (lh then rh). NaN allowed.
+    paths : list of Path
+        Files read.
+    """
+    if space == "fsaverage":
+        parts, paths = [], []
+        for i, hemi in enumerate(layout.HEMIS):
+            p = layout.ncsnr_path(root, subject, space, beta_version, hemi=hemi)
+            parts.append(load_surface_values(p, None if shape is None else shape[i], "ncsnr"))
+            paths.append(p)
+        return np.concatenate(parts), paths
+    p = layout.ncsnr_path(root, subject, space, beta_version)
+    data, _ = load_volume(p, shape, what="ncsnr")
+    return data, [p]
