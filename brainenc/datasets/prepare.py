@@ -612,8 +612,10 @@ def _build(plan: _Plan, out: Path) -> dict:
                 x /= sd_used[i].astype(np.float32)
             writer.write(x)
             del x
-    finally:
-        writer.close()
+    except BaseException:
+        writer.fh.close()  # the caller removes the whole temporary folder
+        raise
+    writer.close()
 
     used = np.zeros(table.n_trials, dtype=bool)
     for m in plan.split_masks.values():
