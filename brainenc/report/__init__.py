@@ -1,1 +1,23 @@
-"""brainenc.report"""
+"""brainenc.report: per-ROI tables, voxel maps in subject space (NIfTI / MGH), figures and a
+one-page summary (``index.md`` + ``index.html``), built from plain arrays.
+
+Entry point: :func:`build_report` with :class:`ReportInputs` and :class:`ReportOptions`.
+matplotlib and nilearn are imported only when a figure is drawn.
+"""
+from brainenc.report.build import ReportInputs, ReportOptions, build_report
+from brainenc.report.document import Document
+from brainenc.report.maps import values_to_surface, values_to_volume, write_map
+from brainenc.report.tables import markdown_table, roi_table, write_roi_table
+
+__all__ = [
+    "ReportInputs",
+    "ReportOptions",
+    "build_report",
+    "Document",
+    "write_map",
+    "values_to_volume",
+    "values_to_surface",
+    "roi_table",
+    "markdown_table",
+    "write_roi_table",
+]

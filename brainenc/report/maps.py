@@ -1,0 +1,169 @@
+"""Per-voxel maps written back into subject space so they open in any viewer.
+
+- volume spaces (``func1pt8mm``, ``func1mm``): a NIfTI-1 image with the dataset's grid shape
+  and affine; voxel ``i`` of the map goes to ``geometry["indices"][i]`` (X, Y, Z);
+- ``fsaverage``: one MGH file per hemisphere (``lh.<name>.mgh``, ``rh.<name>.mgh``) of shape
+  ``(n_vertices, 1, 1)``, FreeSurfer's layout; voxel ``i`` goes to vertex
+  ``geometry["vertex"][i]`` of hemisphere ``geometry["hemi"][i]``.
+
+Everything outside the dataset's voxels is ``fill`` (0 by default: viewers treat 0 as "no
+value", NaN is not handled everywhere). Files are written atomically.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from brainenc._utils.io import atomic_path
+from brainenc.exceptions import DataFormatError
+
+__all__ = ["is_volume", "values_to_volume", "values_to_surface", "write_map", "FSAVERAGE_VERTICES"]
+
+FSAVERAGE_VERTICES = 163842
+_HEMIS = ("lh", "rh")
+
+
+def is_volume(geometry: Mapping) -> bool:
+    """True for a volume geometry (has ``indices``), False for a surface one (has ``vertex``)."""
+    if "indices" in geometry:
+        return True
+    if "vertex" in geometry:
+        return False
+    raise DataFormatError("geometry must hold 'indices' (volume) or 'hemi'/'vertex' (surface); "
+                          f"got keys {sorted(geometry)}")
+
+
+def _hemi_codes(hemi) -> np.ndarray:
+    """Hemisphere per voxel as 0 (lh) / 1 (rh), from strings or integers."""
+    h = np.asarray(hemi)
+    if h.dtype.kind in "US":
+        h = np.char.lower(h.astype(str))
+        bad = ~np.isin(h, _HEMIS)
+        if bad.any():
+            raise DataFormatError(f"geometry 'hemi' must be 'lh' or 'rh'; got {h[bad][0]!r}")
+        return (h == "rh").astype(np.int64)
+    h = h.astype(np.int64)
+    if h.size and (h.min() < 0 or h.max() > 1):
+        raise DataFormatError("geometry 'hemi' must be 0 (lh) / 1 (rh) when numeric")
+    return h
+
+
+def _check_values(values, n: int) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float32)
+    if v.ndim != 1 or v.shape[0] != n:
+        raise DataFormatError(f"map values must have shape ({n},) to match the geometry; got {v.shape}")
+    return v
+
+
+def values_to_volume(values, geometry: Mapping, fill: float = 0.0) -> np.ndarray:
+    """Scatter per-voxel values into the subject's 3-D grid.
+
+    Parameters
+    ----------
+    values : array of shape (n_voxels,)
+    geometry : dict
+        ``shape`` (X, Y, Z) and ``indices`` int array of shape (n_voxels, 3).
+    fill : float
+        Value outside the dataset's voxels.
+
+    Returns
+    -------
+    volume : float32 array of shape ``geometry["shape"]``
+    """
+    idx = np.asarray(geometry["indices"], dtype=np.int64)
+    shape = tuple(int(s) for s in geometry["shape"])
+    if idx.ndim != 2 or idx.shape[1] != 3 or len(shape) != 3:
+        raise DataFormatError(f"volume geometry needs 'shape' (3 ints) and 'indices' (n, 3); got {shape}, {idx.shape}")
+    if idx.size and ((idx < 0).any() or (idx >= np.asarray(shape)).any()):
+        raise DataFormatError(f"geometry 'indices' fall outside the grid {shape}")
+    v = _check_values(values, idx.shape[0])
+    vol = np.full(shape, fill, dtype=np.float32)
+    vol[idx[:, 0], idx[:, 1], idx[:, 2]] = v
+    return vol
+
+
+def surface_size(geometry: Mapping) -> int:
+    """Vertices per hemisphere: ``geometry["n_vertices"]`` if given, else 163842 for ``fsaverage``,
+    else one more than the largest vertex index."""
+    if "n_vertices" in geometry:
+        return int(geometry["n_vertices"])
+    vertex = np.asarray(geometry["vertex"], dtype=np.int64)
+    if geometry.get("space") == "fsaverage" and (vertex.size == 0 or vertex.max() < FSAVERAGE_VERTICES):
+        return FSAVERAGE_VERTICES
+    return int(vertex.max()) + 1 if vertex.size else 0
+
+
+def values_to_surface(values, geometry: Mapping, fill: float = 0.0) -> dict[str, np.ndarray]:
+    """Scatter per-voxel values onto each hemisphere's vertices.
+
+    Parameters
+    ----------
+    values : array of shape (n_voxels,)
+    geometry : dict
+        ``hemi`` (n_voxels,) of 'lh'/'rh' (or 0/1) and ``vertex`` int (n_voxels,).
+    fill : float
+
+    Returns
+    -------
+    dict
+        ``{"lh": float32 (n_vertices,), "rh": float32 (n_vertices,)}``.
+    """
+    vertex = np.asarray(geometry["vertex"], dtype=np.int64)
+    hemi = _hemi_codes(geometry["hemi"])
+    if hemi.shape != vertex.shape or vertex.ndim != 1:
+        raise DataFormatError(f"geometry 'hemi' and 'vertex' must be 1-D of equal length; got {hemi.shape}, {vertex.shape}")
+    n = surface_size(geometry)
+    if vertex.size and (vertex.min() < 0 or vertex.max() >= n):
+        raise DataFormatError(f"geometry 'vertex' must lie in [0, {n}); got max {vertex.max()}")
+    v = _check_values(values, vertex.shape[0])
+    out = {}
+    for code, name in enumerate(_HEMIS):
+        arr = np.full(n, fill, dtype=np.float32)
+        sel = hemi == code
+        arr[vertex[sel]] = v[sel]
+        out[name] = arr
+    return out
+
+
+def write_map(values, geometry: Mapping, out_dir: str | Path, name: str, fill: float = 0.0) -> list[Path]:
+    """Write one per-voxel map in the subject's space.
+
+    Parameters
+    ----------
+    values : array of shape (n_voxels,)
+        NaN values are written as ``fill``.
+    geometry : dict
+        ``PreparedDataset.geometry``.
+    out_dir : path
+    name : str
+        File stem: ``<name>.nii.gz`` (volume) or ``lh.<name>.mgh`` + ``rh.<name>.mgh`` (surface).
+    fill : float
+
+    Returns
+    -------
+    list of Path
+    """
+    import nibabel as nib
+
+    out_dir = Path(out_dir)
+    v = np.asarray(values, dtype=np.float32)
+    v = np.where(np.isfinite(v), v, np.float32(fill))
+    if is_volume(geometry):
+        vol = values_to_volume(v, geometry, fill)
+        affine = np.asarray(geometry.get("affine", np.eye(4)), dtype=np.float64)
+        img = nib.Nifti1Image(vol, affine)
+        img.header.set_xyzt_units("mm")
+        path = out_dir / f"{name}.nii.gz"
+        with atomic_path(path) as tmp:
+            nib.save(img, tmp)
+        return [path]
+    paths = []
+    for hemi, arr in values_to_surface(v, geometry, fill).items():
+        path = out_dir / f"{hemi}.{name}.mgh"
+        img = nib.MGHImage(arr.reshape(-1, 1, 1), np.eye(4))
+        with atomic_path(path) as tmp:
+            nib.save(img, tmp)
+        paths.append(path)
+    return paths

@@ -1,0 +1,198 @@
+"""Model fitters for the ``fit.<name>`` stages: one function per ``[[fit]] kind``.
+
+A fitter receives the stage context, its config dataclass and a :class:`FitData` (design
+matrices already aligned to the prepared dataset's rows) and must
+
+- write its weights under ``models/<name>/`` (safetensors + ``config.json``, never pickle),
+- write predictions for every held-out split to ``predictions/<name>/<split>.npy``
+  (float32, shape (n_rows_in_split, n_voxels)),
+- optionally write per-voxel extras to ``models/<name>/<extra>.npy`` (ridge: ``alpha``),
+- return ``{"files": [...], ...}`` for the stage record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from brainenc._utils.io import atomic_path, save_npy, write_json
+from brainenc._utils.logging import get_logger
+from brainenc.config import to_dict
+
+__all__ = ["FitData", "fit_ridge", "pool_grid", "save_safetensors", "write_predictions"]
+
+log = get_logger("workflows")
+
+
+@dataclasses.dataclass
+class FitData:
+    """Inputs of a fitter.
+
+    Attributes
+    ----------
+    responses : array of shape (n_samples, n_voxels)
+        The prepared responses (memory-mapped).
+    splits : dict of str -> int64 array
+        Row indices per split; ``"train"`` is fitted, the others predicted.
+    features : callable
+        ``features(kind) -> array`` with ``kind`` ``"pooled"`` -> (n_samples, dim) or ``"tokens"``
+        -> (n_samples, n_tokens, dim), rows aligned to ``responses``.
+    grid : tuple of int or None
+        Patch grid (h, w) of the tokens.
+    n_prefix : int
+        Prefix (CLS/register) tokens before the patch tokens.
+    roi_masks : dict of str -> bool array of shape (n_voxels,)
+    """
+
+    responses: Any
+    splits: dict
+    features: Callable[[str], np.ndarray]
+    grid: tuple | None
+    n_prefix: int
+    roi_masks: dict
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> Path:
+    """Write numpy arrays as a safetensors file, atomically."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(arrays, str(tmp), metadata=meta or None)
+    return path
+
+
+def write_predictions(ctx, name: str, data: FitData, predict: Callable[[np.ndarray], np.ndarray]) -> list[str]:
+    """Predict every non-train split and save ``predictions/<name>/<split>.npy``.
+
+    Parameters
+    ----------
+    ctx : StageContext
+    name : str
+        Model name.
+    data : FitData
+    predict : callable
+        ``predict(rows) -> float array (len(rows), n_voxels)``.
+
+    Returns
+    -------
+    list of str
+        The written files, relative to the run folder.
+    """
+    files = []
+    for split, rows in sorted(data.splits.items()):
+        if split == "train" or rows.size == 0:
+            continue
+        pred = np.asarray(predict(rows), dtype=np.float32)
+        files.append(ctx.rel(save_npy(ctx.path("predictions", name, f"{split}.npy"), pred)))
+    return files
+
+
+def pool_grid(tokens: np.ndarray, grid: tuple[int, int], cells: int, n_prefix: int = 0) -> np.ndarray:
+    """Average patch tokens over a ``cells x cells`` grid of image regions and flatten.
+
+    Keeps coarse spatial layout (what early visual voxels need) at a feature count of
+    ``cells² · dim`` instead of ``h · w · dim``.
+
+    Parameters
+    ----------
+    tokens : array of shape (n, n_prefix + h * w, dim)
+    grid : (h, w)
+    cells : int
+        Output grid size per side (<= h, w); regions split the grid as evenly as possible.
+    n_prefix : int
+
+    Returns
+    -------
+    array of shape (n, cells * cells * dim), float32
+    """
+    h, w = (int(g) for g in grid)
+    t = np.asarray(tokens[:, n_prefix:], dtype=np.float32)
+    n, hw, d = t.shape
+    if hw != h * w:
+        raise ValueError(f"tokens hold {hw} patches but the grid is {h}x{w}")
+    if not 1 <= cells <= min(h, w):
+        raise ValueError(f"'grid_pool' must be in 1..{min(h, w)} for a {h}x{w} grid; {cells} was provided")
+    t = t.reshape(n, h, w, d)
+    ys = np.linspace(0, h, cells + 1).round().astype(int)
+    xs = np.linspace(0, w, cells + 1).round().astype(int)
+    out = np.empty((n, cells, cells, d), dtype=np.float32)
+    for i in range(cells):
+        for j in range(cells):
+            out[:, i, j] = t[:, ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean(axis=(1, 2))
+    return out.reshape(n, -1)
+
+
+def _design(data: FitData, cfg) -> np.ndarray:
+    if cfg.features == "tokens" and cfg.grid_pool > 0:
+        if data.grid is None:
+            raise ValueError(f"'fit.{cfg.name}.grid_pool' needs patch tokens with a grid")
+        return pool_grid(data.features("tokens"), data.grid, cfg.grid_pool, data.n_prefix)
+    X = np.asarray(data.features(cfg.features), dtype=np.float32)
+    return X.reshape(X.shape[0], -1)
+
+
+def fit_ridge(ctx, cfg, data: FitData) -> dict:
+    """Fit :class:`brainenc.encoding.RidgeEncoder` on the train rows; save weights and predictions.
+
+    Parameters
+    ----------
+    ctx : StageContext
+    cfg : RidgeFitConfig
+    data : FitData
+
+    Returns
+    -------
+    dict
+        Stage outputs: files, n_train, n_features, alpha summary, fit seconds.
+    """
+    from brainenc.encoding.ridge import RidgeEncoder
+
+    X = _design(data, cfg)
+    train = data.splits["train"]
+    mean = np.zeros(X.shape[1], np.float32)
+    scale = np.ones(X.shape[1], np.float32)
+    if cfg.standardize:
+        mean = X[train].mean(axis=0)
+        sd = X[train].std(axis=0)
+        scale = np.where(sd > 1e-8, sd, 1.0).astype(np.float32)
+    Xs = (X - mean) / scale
+    Y = np.asarray(data.responses[train], dtype=np.float32)
+    enc = RidgeEncoder(alphas=list(cfg.alphas) or None, cv=cfg.cv, fit_intercept=cfg.fit_intercept,
+                       scoring=cfg.scoring, alpha_per_target=cfg.alpha_per_target, solver=cfg.solver,
+                       backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
+                       target_batch_size=cfg.target_batch_size)
+    t0 = time.perf_counter()
+    enc.fit(Xs[train], Y)
+    fit_s = time.perf_counter() - t0
+    del Y
+    mdir = ctx.path("models", cfg.name, "x").parent
+    weights = save_safetensors(mdir / "weights.safetensors", {
+        "coef": np.asarray(enc.coef_, dtype=np.float32),
+        "intercept": np.asarray(enc.intercept_, dtype=np.float32),
+        "best_alphas": np.asarray(enc.best_alphas_, dtype=np.float64),
+        "alphas": np.asarray(enc.alphas_, dtype=np.float64),
+        "feature_mean": mean, "feature_scale": scale,
+    }, metadata={"kind": "ridge", "solver": enc.solver_})
+    config = write_json(mdir / "config.json", {
+        "kind": "ridge", "config": to_dict(cfg), "solver": enc.solver_, "n_train": int(train.size),
+        "n_features": int(X.shape[1]), "n_voxels": int(np.asarray(enc.coef_).shape[-1]),
+        "prediction": "((X - feature_mean) / feature_scale) @ coef + intercept",
+    })
+    alpha = save_npy(mdir / "alpha.npy", np.asarray(enc.best_alphas_, dtype=np.float64))
+    files = [ctx.rel(weights), ctx.rel(config), ctx.rel(alpha)]
+    files += write_predictions(ctx, cfg.name, data, lambda rows: enc.predict(Xs[rows]))
+    ba = np.asarray(enc.best_alphas_, dtype=np.float64)
+    values, counts = np.unique(ba, return_counts=True)
+    log.info("fit %s: %d train rows x %d features -> %d voxels in %.1f s (solver %s)",
+             cfg.name, train.size, X.shape[1], ba.size, fit_s, enc.solver_)
+    return {"files": files, "n_train": int(train.size), "n_features": int(X.shape[1]),
+            "fit_seconds": round(fit_s, 3), "solver": enc.solver_,
+            "alpha_counts": {f"{v:g}": int(c) for v, c in zip(values, counts)},
+            "extras": {"alpha": ctx.rel(alpha)}}
