@@ -32,6 +32,12 @@ def lite0():
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_cfg():
+    """open_clip model kwargs of a 2-block, 64-wide ViT on 32 px inputs (4x4 patches of 8 px)."""
+    return TINY_CLIP_CFG
+
+
+@pytest.fixture(scope="session")
 def tiny_clip():
     from brainenc.features import create_backbone
 
