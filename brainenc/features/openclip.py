@@ -214,7 +214,9 @@ def _make_openclip(name: str, pretrained: str | None = None, weights=None, image
                 f"brainenc never downloads: fetch them where there is network (e.g. huggingface-cli download) "
                 f"or pass weights=<path to the .safetensors/.bin file>")
     pp_overlay = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
-    kwargs = dict(model_cfg or {})
+    kwargs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (model_cfg or {}).items()}
+    if image_size and "vision_cfg" in kwargs:  # model_cfg would override force_image_size
+        kwargs["vision_cfg"]["image_size"] = int(image_size)
     if random_init:
         torch.manual_seed(int(seed))
     model = open_clip.create_model(
