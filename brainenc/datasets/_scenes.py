@@ -14,10 +14,14 @@ of every category (category-selective cortex).
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from brainenc.exceptions import MissingDependencyError
 
 __all__ = [
     "CATEGORIES",
@@ -96,11 +100,15 @@ def _sources() -> dict:
     import skimage.data as skd
     from matplotlib import cbook
     from PIL import Image
-    from sklearn.datasets import load_sample_images
 
     with cbook.get_sample_data("grace_hopper.jpg") as fh:
         hopper = np.asarray(Image.open(fh).convert("RGB"))
-    china, flower = (np.asarray(im) for im in load_sample_images().images)
+    # scikit-learn's sample photos, read from the package folder (importing sklearn costs seconds)
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError("scikit-learn is needed for its sample photos: pip install scikit-learn")
+    img_dir = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "images"
+    china, flower = (np.asarray(Image.open(img_dir / f"{n}.jpg").convert("RGB")) for n in ("china", "flower"))
     astro = skd.astronaut()
     coffee = skd.coffee()
     rocket = skd.rocket()
@@ -117,6 +125,8 @@ def _sources() -> dict:
     backgrounds = [skd.chelsea(), moto, flower, skd.hubble_deep_field(),
                    _rgb(skd.grass()), _rgb(skd.gravel()), _rgb(skd.moon()), _rgb(skd.coins()),
                    skd.retina()]
+    # backgrounds are at most 425 px after cropping: pre-shrink big photos once (min side 480)
+    backgrounds = [_shrink(b, 480) for b in backgrounds]
     return {
         "faces": [np.ascontiguousarray(f) for f in faces],
         "places": [np.ascontiguousarray(p) for p in places],
@@ -125,6 +135,14 @@ def _sources() -> dict:
         "food": [np.ascontiguousarray(f) for f in food],
         "backgrounds": [np.ascontiguousarray(b) for b in backgrounds],
     }
+
+
+def _shrink(img: np.ndarray, min_side: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    f = min_side / min(h, w)
+    if f >= 1:
+        return np.ascontiguousarray(img)
+    return _resize(np.ascontiguousarray(img), int(round(h * f)), int(round(w * f)))
 
 
 def source_inventory() -> dict:

@@ -140,7 +140,7 @@ class SimulationConfig:
     seed: int = 0
     n_sessions: int = 3
     n_shared: int = 100
-    grid: tuple[int, int, int] = (30, 36, 30)
+    grid: tuple[int, ...] = (30, 36, 30)
     snr_median: float = 0.6
     snr_spread: float = 0.45
     noise_correlation: float = 0.3
@@ -322,7 +322,7 @@ def _write_stim_info(path: Path, design: dict) -> None:
         ids0 = design["subjectim"][k] - 1
         assigned[ids0, k] = 1
         reps[ids0, k, :] = trials_of_slot
-    shared = np.isin(np.arange(n), design["sharedix"] - 1)
+    shared = np.isin(np.arange(n), design["sharedix"] - 1).tolist()
     header = ["", "cocoId", "cocoSplit", "cropBox", "loss", "nsdId", "flagged", "BOLD5000", "shared1000"]
     header += [f"subject{k + 1}" for k in range(8)]
     header += [f"subject{k + 1}_rep{r}" for k in range(8) for r in range(3)]
