@@ -2,7 +2,8 @@
 
 Definitions (cvnlab/nsddatapaper ``export_noiseceiling.m``; Allen et al. 2022):
 
-1. z-score each voxel's betas within each session over all its trials;
+1. z-score each voxel's betas within each session over all its trials (MATLAB ``calczscore``, i.e.
+   ``std`` with ddof 1 — what the release's ncsnr files use);
 2. keep only images shown **exactly 3 times**;
 3. ``v = sqrt(nanmean_images(var_ddof1(3 trials)))``;
 4. ``ncsnr = sqrt(max(0, 1 - v**2)) / v``.
@@ -28,13 +29,15 @@ __all__ = [
 ]
 
 
-def zscore_sessions(betas: np.ndarray, sessions: np.ndarray) -> np.ndarray:
-    """z-score each column within each session (ddof 0; constant columns become 0).
+def zscore_sessions(betas: np.ndarray, sessions: np.ndarray, ddof: int = 0) -> np.ndarray:
+    """z-score each column within each session (constant columns become 0).
 
     Parameters
     ----------
     betas : ndarray, shape (n_trials, n_voxels)
     sessions : ndarray of int, shape (n_trials,)
+    ddof : int
+        0 as sklearn ``StandardScaler`` (response z-scoring), 1 as MATLAB ``std`` (the ncsnr recipe).
 
     Returns
     -------
@@ -46,7 +49,7 @@ def zscore_sessions(betas: np.ndarray, sessions: np.ndarray) -> np.ndarray:
     for s in np.unique(sessions):
         rows = sessions == s
         m = betas[rows].mean(axis=0)
-        sd = betas[rows].std(axis=0)
+        sd = betas[rows].std(axis=0, ddof=ddof)
         sd[sd == 0] = 1.0
         out[rows] = (betas[rows] - m) / sd
     return out
@@ -79,7 +82,7 @@ def ncsnr_from_repeats(betas: np.ndarray, image_ids: np.ndarray, sessions: np.nd
         Single-trial betas (any scale).
     image_ids : ndarray of int, shape (n_trials,)
     sessions : ndarray of int, shape (n_trials,), optional
-        When given, betas are z-scored within session first (step 1); pass None if already z-scored.
+        When given, betas are z-scored within session first (step 1, ddof 1); pass None if already z-scored.
 
     Returns
     -------
@@ -92,7 +95,7 @@ def ncsnr_from_repeats(betas: np.ndarray, image_ids: np.ndarray, sessions: np.nd
     """
     betas = np.asarray(betas, dtype=np.float64)
     image_ids = np.asarray(image_ids)
-    z = zscore_sessions(betas, sessions) if sessions is not None else betas
+    z = zscore_sessions(betas, sessions, ddof=1) if sessions is not None else betas
     uniq, inverse, counts = np.unique(image_ids, return_inverse=True, return_counts=True)
     keep = np.nonzero(counts == 3)[0]
     if keep.size == 0:

@@ -41,7 +41,7 @@ from brainenc.exceptions import ConfigError, DataFormatError
 __all__ = ["PrepareConfig", "PreparedDataset", "prepare_subject", "load_prepared", "list_prepared",
            "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the computation changes: it is part of the cache key
 COMPLETE = "COMPLETE"
 MASKS = ("nsdgeneral", "brainmask", "none")
 REPEATS = ("average", "single")
@@ -692,7 +692,7 @@ def _build(plan: _Plan, out: Path) -> dict:
 
 
 def _compute_ncsnr(plan, reader, file_row, m_used, sd_used, m_all, sd_all) -> np.ndarray:
-    """nsd_format §1.8 from the single-trial file: per-session z (all trials), 3-repeat images only."""
+    """nsd_format §1.8 from the single-trial file: per-session z (all trials, ddof 1), 3-repeat images only."""
     table = plan.table
     tpt = layout.TRIALS_PER_SESSION
     sess_pos = {s: i for i, s in enumerate(plan.sessions)}
@@ -712,7 +712,8 @@ def _compute_ncsnr(plan, reader, file_row, m_used, sd_used, m_all, sd_all) -> np
         tr = t3[g0:g0 + 512].reshape(-1)
         y = reader.read(file_row[tr]).astype(np.float64)
         si = np.array([sess_pos[int(s)] for s in (tr // tpt + 1)])
-        z = (y * sd_used[si] + m_used[si] - m_all[si]) / sd_all[si]
+        # the release's recipe z-scores with MATLAB std (ddof 1): sd1 = sd0 * sqrt(n / (n - 1))
+        z = (y * sd_used[si] + m_used[si] - m_all[si]) / (sd_all[si] * np.sqrt(tpt / (tpt - 1)))
         var = z.reshape(-1, 3, n_vox).var(axis=1, ddof=1)
         ok = np.isfinite(var)
         acc += np.where(ok, var, 0.0).sum(axis=0)

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from scipy import stats
 from sklearn.preprocessing import StandardScaler
 
 import nsd_fixtures as fx
@@ -133,7 +134,9 @@ def test_computed_ncsnr_matches_direct_recipe(nsd_subject, cache):
     ds = prepare_subject(nsd_subject.root, PrepareConfig(ncsnr="compute", zscore_exclude_test=True), cache_root=cache)
     idx = np.argwhere(nsd_subject.labels["nsdgeneral"] > 0)
     ids = _ids(nsd_subject)
-    z = _direct_trials(nsd_subject, idx)
+    psc = _direct_trials(nsd_subject, idx, zscore=False)
+    z = np.concatenate([stats.zscore(psc[s * TPS:(s + 1) * TPS], axis=0, ddof=1)  # MATLAB std, as the release
+                        for s in range(nsd_subject.n_sessions)])
     uniq, counts = np.unique(ids, return_counts=True)
     var = [z[ids == u].var(axis=0, ddof=1) for u in uniq[counts == 3]]
     v2 = np.mean(var, axis=0)

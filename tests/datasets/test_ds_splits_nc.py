@@ -113,7 +113,7 @@ def test_ncsnr_from_repeats_direct():
     sessions = np.arange(ids.size) // 61 + 1
     x = rng.standard_normal((ids.size, n_vox)) + rng.standard_normal((200, n_vox))[ids] * 0.8 + sessions[:, None]
     got = ncsnr_from_repeats(x, ids, sessions)
-    z = np.concatenate([stats.zscore(x[sessions == s], axis=0, ddof=0) for s in np.unique(sessions)])
+    z = np.concatenate([stats.zscore(x[sessions == s], axis=0, ddof=1) for s in np.unique(sessions)])
     var = np.array([np.var(z[ids == i], axis=0, ddof=1) for i in range(n_img)])
     v = np.sqrt(var.mean(0))
     np.testing.assert_allclose(got, np.sqrt(np.maximum(0, 1 - v**2)) / v, rtol=1e-10)
