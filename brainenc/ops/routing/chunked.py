@@ -7,11 +7,13 @@ Design: routing_kernel.md §2-3. Per chunk of C voxels and for all heads at once
     Z = w_c V^T              [H, C, B*P]   (bmm)
     y_h[c, b] = sum_p A * Z  (in place multiply, then a sum over P)
 
-Only ``y_h`` [H, V, B] is saved. The backward recomputes A and Z per chunk and uses
-``dZ = dy * A`` and ``dS = dZ * (Z - y_h)`` (both formed in place in the two chunk buffers), then
+Only ``y_h`` [H, V, B] is saved (whole P rows live in a chunk, so the backward recomputes the
+softmax directly and needs no lse). The backward recomputes A and Z per chunk and uses
+``dZ = dy * A`` and ``dS = dZ * (Z - y_h)`` (both formed in place in the chunk buffer), then
 four GEMMs: ``dq = s dS K``, ``dw = dZ V``, ``dK += dS^T (s q)``, ``dV += dZ^T w``.
+S and Z are computed by one batched bmm over a stacked [2H] batch (see :class:`_ChunkedRouting`).
 
-Working memory: two [H, C, B, P] buffers (allocated once per call and reused by every chunk)
+Working memory: one [2H, C, B, P] buffer (allocated once per call and reused by every chunk)
 plus O(H*V*B) for y_h and, when k/v need gradients, [H, B*P, D] accumulators. Nothing of size
 B*V*P or B*V*D is ever formed. All arithmetic is float32 (float64 for float64 inputs);
 outputs and gradients are cast back to the input dtype.
@@ -45,7 +47,8 @@ def _fixed_bytes(info: dict) -> float:
 
 def _per_voxel_bytes(info: dict) -> float:
     cbytes = 8 if info["dtype"] == torch.float64 else 4
-    return 2 * info["H"] * info["B"] * info["P"] * cbytes
+    # the stacked [Z; S] chunk buffer, plus the dq/dw GEMM output of the chunk
+    return (2 * info["H"] * info["B"] * info["P"] + 2 * info["H"] * info["D"]) * cbytes
 
 
 def chunked_memory(info: dict) -> float:
@@ -79,8 +82,24 @@ def _kv_matrix(x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
     return x.transpose(0, 1).reshape(H, B * P, D).to(cdt)
 
 
+def _chunk_operands(q, w, c0, c1, scale, cdt):
+    """Stacked per-chunk left operands [(w, s*q)] -> [2H, n, D] (small copy)."""
+    H = q.shape[0]
+    n = c1 - c0
+    out = torch.empty(2, H, n, q.shape[-1], dtype=cdt, device=q.device)
+    out[0].copy_(w[:, c0:c1])
+    out[1].copy_(q[:, c0:c1]).mul_(scale)  # scale after the cast: no bf16 rounding of s*q
+    return out.view(2 * H, n, q.shape[-1])
+
+
 class _ChunkedRouting(torch.autograd.Function):
-    """y[b, v] = sum_h y_h[h, v, b]; see the module docstring for the algorithm."""
+    """y[b, v] = sum_h y_h[h, v, b]; see the module docstring for the algorithm.
+
+    Both chunk GEMMs run as one batched ``bmm`` over a stacked [2H] batch: rows 0..H-1 hold
+    Z = w V^T, rows H..2H-1 hold S = (s q) K^T (one buffer, one call, fewer thread barriers).
+    In the backward the same buffer becomes [dS; dZ] in place, so the four gradient GEMMs are
+    again two batched calls: [dS; dZ] @ [K; V] -> [dq/s; dw] and [dS; dZ]^T @ [s q; w] -> [dK; dV].
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, w, chunk_size):
@@ -88,24 +107,18 @@ class _ChunkedRouting(torch.autograd.Function):
         B, _, P, _ = k.shape
         cdt = compute_dtype(q.dtype)
         scale = D ** -0.5
-        kmat, vmat = _kv_matrix(k, cdt), _kv_matrix(v, cdt)
+        vk_t = torch.cat([_kv_matrix(v, cdt), _kv_matrix(k, cdt)]).transpose(1, 2)  # [2H, D, B*P]
         yh = torch.empty(H, V, B, dtype=cdt, device=q.device)
         C = min(int(chunk_size), V)
-        buf_s = torch.empty(H * C * B * P, dtype=cdt, device=q.device)
-        buf_z = torch.empty_like(buf_s)
-        kt, vt = kmat.transpose(1, 2), vmat.transpose(1, 2)  # [H, D, B*P] views
+        buf = torch.empty(2 * H * C * B * P, dtype=cdt, device=q.device)
         for c0 in range(0, V, C):
             c1 = min(V, c0 + C)
             n = c1 - c0
-            qc = q[:, c0:c1].to(cdt) * scale  # [H, n, D]
-            wc = w[:, c0:c1].to(cdt)
-            s = buf_s[: H * n * B * P].view(H, n, B * P)
-            z = buf_z[: H * n * B * P].view(H, n, B * P)
-            torch.bmm(qc, kt, out=s)
-            torch.bmm(wc, vt, out=z)
-            a4 = s.view(H, n, B, P)
+            zs = buf[: 2 * H * n * B * P].view(2 * H, n, B * P)
+            torch.bmm(_chunk_operands(q, w, c0, c1, scale, cdt), vk_t, out=zs)
+            z4, a4 = zs[:H].view(H, n, B, P), zs[H:].view(H, n, B, P)
             torch.softmax(a4, dim=-1, out=a4)
-            yh[:, c0:c1] = z.view(H, n, B, P).mul_(a4).sum(dim=-1)
+            yh[:, c0:c1] = z4.mul_(a4).sum(dim=-1)
         ctx.save_for_backward(q, k, v, w, yh)
         ctx.chunk = C
         y = yh.sum(dim=0) if H > 1 else yh[0]
@@ -121,49 +134,40 @@ class _ChunkedRouting(torch.autograd.Function):
         scale = D ** -0.5
         C = ctx.chunk
         kmat, vmat = _kv_matrix(k, cdt), _kv_matrix(v, cdt)
-        kt, vt = kmat.transpose(1, 2), vmat.transpose(1, 2)
+        vk_t = torch.cat([vmat, kmat]).transpose(1, 2)  # [2H, D, B*P]
+        kv = torch.cat([kmat, vmat])  # [2H, B*P, D]
         dyt = dy.t().to(cdt).contiguous()  # [V, B]
-        dq = torch.empty(H, V, D, dtype=cdt, device=q.device) if need_q else None
-        dw = torch.empty(H, V, D, dtype=cdt, device=q.device) if need_w else None
-        dkm = torch.zeros(H, B * P, D, dtype=cdt, device=q.device) if need_k else None
-        dvm = torch.zeros(H, B * P, D, dtype=cdt, device=q.device) if need_v else None
-        need_ds = need_q or need_k
-        buf_s = torch.empty(H * C * B * P, dtype=cdt, device=q.device)
-        buf_z = torch.empty_like(buf_s)
+        need_qw, need_kv = need_q or need_w, need_k or need_v
+        dqw = torch.empty(2, H, V, D, dtype=cdt, device=q.device) if need_qw else None  # [dq; dw]
+        dkv = torch.zeros(2 * H, B * P, D, dtype=cdt, device=q.device) if need_kv else None  # [dK; dV]
+        buf = torch.empty(2 * H * C * B * P, dtype=cdt, device=q.device)
         for c0 in range(0, V, C):
             c1 = min(V, c0 + C)
             n = c1 - c0
-            qc = q[:, c0:c1].to(cdt) * scale
-            wc = w[:, c0:c1].to(cdt)
-            s = buf_s[: H * n * B * P].view(H, n, B * P)
-            torch.bmm(qc, kt, out=s)
-            a4 = s.view(H, n, B, P)
+            ops = _chunk_operands(q, w, c0, c1, scale, cdt)  # [w; s q]
+            zs = buf[: 2 * H * n * B * P].view(2 * H, n, B * P)
+            torch.bmm(ops, vk_t, out=zs)
+            z4, a4 = zs[:H].view(H, n, B, P), zs[H:].view(H, n, B, P)
             torch.softmax(a4, dim=-1, out=a4)
-            dz4 = a4.mul_(dyt[c0:c1].view(1, n, B, 1))  # dZ = dy * A, in place of A
-            dz = s
-            if need_ds:
-                z = buf_z[: H * n * B * P].view(H, n, B * P)
-                torch.bmm(wc, vt, out=z)
-                # dS = dZ * (Z - y_h), in place of Z
-                z.view(H, n, B, P).sub_(yh[:, c0:c1].unsqueeze(-1)).mul_(dz4)
-                ds = z
-                if need_q:
-                    dq[:, c0:c1] = torch.bmm(ds, kmat).mul_(scale)
-                if need_k:
-                    dkm.baddbmm_(ds.transpose(1, 2), qc)  # qc already carries the scale
-            if need_w:
-                dw[:, c0:c1] = torch.bmm(dz, vmat)
-            if need_v:
-                dvm.baddbmm_(dz.transpose(1, 2), wc)
+            a4.mul_(dyt[c0:c1].view(1, n, B, 1))  # A -> dZ = dy * A
+            z4.sub_(yh[:, c0:c1].unsqueeze(-1)).mul_(a4)  # Z -> dS = dZ * (Z - y_h)
+            # zs now holds [dS; dZ]
+            if need_qw:
+                g = torch.bmm(zs, kv)  # [dS K; dZ V] = [dq / s; dw]
+                torch.mul(g[:H], scale, out=dqw[0, :, c0:c1])
+                dqw[1, :, c0:c1] = g[H:]
+            if need_kv:
+                # [dS^T (s q); dZ^T w]: the operand stack is [w; s q], so swap its halves
+                dkv.baddbmm_(zs.transpose(1, 2), torch.cat([ops[H:], ops[:H]]))
 
         def _kv_grad(m, like):
             return m.view(H, B, P, D).transpose(0, 1).to(like.dtype).contiguous()
 
         return (
-            dq.to(q.dtype) if need_q else None,
-            _kv_grad(dkm, k) if need_k else None,
-            _kv_grad(dvm, v) if need_v else None,
-            dw.to(w.dtype) if need_w else None,
+            dqw[0].to(q.dtype) if need_q else None,
+            _kv_grad(dkv[:H], k) if need_k else None,
+            _kv_grad(dkv[H:], v) if need_v else None,
+            dqw[1].to(w.dtype) if need_w else None,
             None,
         )
 
