@@ -123,9 +123,11 @@ def test_truncated_nifti_is_caught_from_the_header(nsd_copy):
         check_betas_file(p, kind="nifti")
 
 
-def test_corrupt_hdf5(nsd_copy):
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_hdf5(nsd_copy, damage):
     p = fx.betas_path(nsd_copy.root, "subj01", 1, "hdf5")
-    p.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
+    blob = p.read_bytes()
+    p.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100 if damage == "garbage" else blob[: len(blob) // 2])
     with pytest.raises(DataFormatError, match=r"betas_session01\.hdf5: not a readable HDF5 file"):
         check_betas_file(p, kind="hdf5")
 
