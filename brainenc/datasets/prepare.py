@@ -41,7 +41,7 @@ from brainenc.exceptions import ConfigError, DataFormatError
 __all__ = ["PrepareConfig", "PreparedDataset", "prepare_subject", "load_prepared", "list_prepared",
            "FORMAT_VERSION"]
 
-FORMAT_VERSION = 2  # bump whenever the computation changes: it is part of the cache key
+FORMAT_VERSION = 3  # bump whenever the computation changes: it is part of the cache key
 COMPLETE = "COMPLETE"
 MASKS = ("nsdgeneral", "brainmask", "none")
 REPEATS = ("average", "single")
@@ -586,6 +586,7 @@ def _build(plan: _Plan, out: Path) -> dict:
     sd_used = np.ones((len(plan.sessions), n_vox))
     m_all = np.zeros((len(plan.sessions), n_vox))
     sd_all = np.ones((len(plan.sessions), n_vox))
+    constant = np.zeros((len(plan.sessions), n_vox), dtype=bool)
 
     trials_path = out / "_trials.npy"
     writer = _NpyWriter(trials_path, n_file, n_vox)
@@ -594,7 +595,8 @@ def _build(plan: _Plan, out: Path) -> dict:
             x = _read_session(plan, s)  # float32 (750, n_vox)
             m_all[i] = x.mean(axis=0, dtype=np.float64)
             sd_all[i] = x.std(axis=0, dtype=np.float64)
-            sd_all[i][sd_all[i] == 0] = 1.0
+            constant[i] = sd_all[i] == 0  # invalid in this session (all-zero betas): NaN for ncsnr
+            sd_all[i][constant[i]] = 1.0
             if cfg.zscore:
                 if cfg.zscore_exclude_test:
                     stat_rows = ~test_mask[(s - 1) * tpt: s * tpt]
@@ -664,7 +666,8 @@ def _build(plan: _Plan, out: Path) -> dict:
         if plan.ncsnr_file is not None:
             ncsnr, ncsnr_source = plan.ncsnr_file, "file"
         else:
-            ncsnr, ncsnr_source = _compute_ncsnr(plan, reader, file_row, m_used, sd_used, m_all, sd_all), "computed"
+            ncsnr, ncsnr_source = _compute_ncsnr(plan, reader, file_row, m_used, sd_used, m_all, sd_all,
+                                                  constant), "computed"
     finally:
         reader.close()
         trials_path.unlink()
@@ -691,7 +694,7 @@ def _build(plan: _Plan, out: Path) -> dict:
             "split_counts": {k: int(m.sum()) for k, m in split_of.items()}}
 
 
-def _compute_ncsnr(plan, reader, file_row, m_used, sd_used, m_all, sd_all) -> np.ndarray:
+def _compute_ncsnr(plan, reader, file_row, m_used, sd_used, m_all, sd_all, constant) -> np.ndarray:
     """nsd_format §1.8 from the single-trial file: per-session z (all trials, ddof 1), 3-repeat images only."""
     table = plan.table
     tpt = layout.TRIALS_PER_SESSION
@@ -714,6 +717,7 @@ def _compute_ncsnr(plan, reader, file_row, m_used, sd_used, m_all, sd_all) -> np
         si = np.array([sess_pos[int(s)] for s in (tr // tpt + 1)])
         # the release's recipe z-scores with MATLAB std (ddof 1): sd1 = sd0 * sqrt(n / (n - 1))
         z = (y * sd_used[si] + m_used[si] - m_all[si]) / (sd_all[si] * np.sqrt(tpt / (tpt - 1)))
+        z[constant[si]] = np.nan  # a voxel constant within a session has no z-score there
         var = z.reshape(-1, 3, n_vox).var(axis=1, ddof=1)
         ok = np.isfinite(var)
         acc += np.where(ok, var, 0.0).sum(axis=0)

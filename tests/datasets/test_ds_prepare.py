@@ -302,3 +302,12 @@ def test_cli_prepare_and_info(nsd_subject, tmp_path, capsys):
     assert "split test" in info and "roi prf-visualrois/V1v" in info
     assert cli_main(args + ["prepare", "--space", "fsavg"]) == 2
     assert "'space' must be one of" in capsys.readouterr().err
+
+
+def test_computed_ncsnr_is_nan_for_constant_voxels(nsd_subject, cache):
+    ds = prepare_subject(nsd_subject.root, PrepareConfig(mask="none", ncsnr="compute", rois=[]), cache_root=cache)
+    outside = ~nsd_subject.brainmask.reshape(-1)  # zero betas outside the brainmask (C order = np.nonzero order)
+    assert ds.n_voxels == outside.size
+    assert np.isnan(ds.ncsnr[outside]).all() and np.isnan(ds.noise_ceiling[outside]).all()
+    assert np.isfinite(ds.ncsnr[~outside]).all()
+    np.testing.assert_array_equal(np.asarray(ds.responses)[:, outside], 0.0)
