@@ -623,16 +623,19 @@ def _build(plan: _Plan, out: Path) -> dict:
     for m in plan.split_masks.values():
         used |= m
     reader = _NpyRows(trials_path)
+    reuse = False
     try:
         if cfg.repeats == "single":
             rows = np.nonzero(used)[0]  # chronological
             image_ids = table.image_id[rows]
             n_rep = np.ones(rows.size, dtype=np.int64)
             split_of = {k: m[rows] for k, m in plan.split_masks.items()}
-            resp = _NpyWriter(out / "responses.npy", rows.size, n_vox)
-            for c0 in range(0, rows.size, 2048):
-                resp.write(reader.read(file_row[rows[c0:c0 + 2048]]))
-            resp.close()
+            reuse = np.array_equal(file_row[rows], np.arange(n_file))  # every row read is used, in order
+            if not reuse:
+                resp = _NpyWriter(out / "responses.npy", rows.size, n_vox)
+                for c0 in range(0, rows.size, 2048):
+                    resp.write(reader.read(file_row[rows[c0:c0 + 2048]]))
+                resp.close()
             save_npy(out / "global_trials.npy", table.global_trial[rows])
         else:
             # one row per (split, image); images are disjoint across splits, so order by 73k id
@@ -670,6 +673,9 @@ def _build(plan: _Plan, out: Path) -> dict:
                                                   constant), "computed"
     finally:
         reader.close()
+    if reuse:  # the single-trial file is the output: no copy
+        os.replace(trials_path, out / "responses.npy")
+    else:
         trials_path.unlink()
 
     test_rows = np.nonzero(split_of["test"])[0]

@@ -311,3 +311,18 @@ def test_computed_ncsnr_is_nan_for_constant_voxels(nsd_subject, cache):
     assert np.isnan(ds.ncsnr[outside]).all() and np.isnan(ds.noise_ceiling[outside]).all()
     assert np.isfinite(ds.ncsnr[~outside]).all()
     np.testing.assert_array_equal(np.asarray(ds.responses)[:, outside], 0.0)
+
+
+def test_single_trials_with_dropped_trials(nsd_subject, cache):
+    # algonauts drops late trials of images seen earlier: the single-trial rows are a subset, in time order
+    ds = prepare_subject(nsd_subject.root, PrepareConfig(split="algonauts", repeats="single"), cache_root=cache)
+    idx = np.argwhere(nsd_subject.labels["nsdgeneral"] > 0)
+    ids = _ids(nsd_subject)
+    sess = np.arange(ids.size) // TPS + 1
+    late = sess > nsd_subject.n_sessions - 3
+    early_ids = set(ids[~late].tolist())
+    shared = _shared(nsd_subject, ids)
+    keep = ~late | np.array([i not in early_ids for i in ids]) & (~shared | (np.bincount(ids)[ids] == 3))
+    np.testing.assert_array_equal(ds.global_trials, np.nonzero(keep)[0])
+    np.testing.assert_allclose(ds.responses, _direct_trials(nsd_subject, idx)[keep], rtol=1e-4, atol=1e-5)
+    assert (ds.n_repeats == 1).all() and 0 < ds.splits["test"].size < ds.n_samples
