@@ -74,7 +74,8 @@ class _NumpyOps:
         return np.asarray(x)
 
     def eigh(self, a):
-        return np.linalg.eigh(a)
+        with _eigh_threads(a.shape[0], self):
+            return np.linalg.eigh(a)
 
     def clip_min(self, x, lo: float):
         return np.maximum(x, lo)
@@ -113,13 +114,45 @@ class _TorchOps:
         return x.detach().cpu().numpy()
 
     def eigh(self, a):
-        return self.torch.linalg.eigh(a)
+        with _eigh_threads(a.shape[0], self):
+            return self.torch.linalg.eigh(a)
 
     def clip_min(self, x, lo: float):
         return self.torch.clamp(x, min=lo)
 
     def log(self, x):
         return self.torch.log(x)
+
+
+#: Below this size, CPU eigendecompositions run single-threaded: LAPACK's tridiagonal reduction
+#: (BLAS-2, a barrier per column) gains little from 2-4 threads at p ~ 1000 and slows down by
+#: 5-8x when the cores are oversubscribed (measured: 1024 x 1024 float64, 0.5 s on 1 thread vs
+#: 3.8 CPU-s / 16 s wall on 2 threads on a loaded 2-core machine).
+EIGH_SINGLE_THREAD_MAX = 2048
+
+
+class _eigh_threads:
+    def __init__(self, size: int, ops):
+        self.active = size <= EIGH_SINGLE_THREAD_MAX and str(getattr(ops, "device", "cpu")) == "cpu"
+        self.ops = ops
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        from threadpoolctl import threadpool_limits
+
+        self._limits = threadpool_limits(1)
+        if self.ops.name == "torch":
+            self._torch_threads = self.ops.torch.get_num_threads()
+            self.ops.torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self._limits.restore_original_limits()
+            if self.ops.name == "torch":
+                self.ops.torch.set_num_threads(self._torch_threads)
+        return False
 
 
 def get_backend(backend: str = "numpy", device: str = "cpu"):
@@ -283,25 +316,24 @@ def _prepare_folds(ops, P: _Prepared, splits, fit_intercept: bool, dtype: str, s
         if n_tr > P.p:
             if K is None:
                 K = P.X64.T @ P.X64
-            Gtr = K - Xva64.T @ Xva64
+            Gva = Xva64.T @ Xva64
+            Gtr = K - Gva
             sva = Xva64.sum(0)
             mx = None
             if fit_intercept:
                 mx = (P.X64.sum(0) - sva) / n_tr
                 Gtr = Gtr - n_tr * (mx[:, None] * mx[None, :])
-                Xva_c = Xva64 - mx
-            else:
-                Xva_c = Xva64
+                # (Xva - mx)ᵀ(Xva - mx) from the uncentred product: no second n_val x p x p matmul
+                Gva = Gva - sva[:, None] * mx[None, :] - mx[:, None] * sva[None, :] + n_va * (mx[:, None] * mx[None, :])
             s2, V = ops.eigh(Gtr)
             s2 = ops.clip_min(s2, 0.0)
-            A = Xva_c @ V
             quad = score_method == "quadratic" or (score_method == "auto" and P.p < n_va)
             f = _Fold("primal", train, val, n_tr, n_va, cast(s2), V=cast(V), Xva=cast(Xva64), quad=quad,
                       mx=cast(mx) if mx is not None else None, sva=cast(sva) if fit_intercept else None)
             if quad:
-                f.G = cast(A.T @ A)
+                f.G = cast(V.T @ (Gva @ V))
             else:
-                f.A = cast(A)
+                f.A = cast(((Xva64 - mx) if fit_intercept else Xva64) @ V)
         else:
             Xtr64 = P.X64[train]
             if fit_intercept:
