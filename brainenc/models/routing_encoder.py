@@ -136,7 +136,8 @@ class CrossAttention(nn.Module):
     """Multi-head cross-attention with separately callable key/value projection.
 
     Weight layout matches ``nn.MultiheadAttention`` (q/k/v projections = rows of its
-    ``in_proj_weight``, then ``out_proj``), so weights can be copied in both directions.
+    ``in_proj_weight``, then ``out_proj``), so weights can be copied from it; the key bias is
+    omitted because it cannot change the attention (outputs are identical with any key bias).
 
     Parameters
     ----------
@@ -151,7 +152,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.d_model, self.n_heads, self.d_head = d_model, n_heads, d_model // n_heads
         self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
+        # No key bias: q·b_k is the same for every key, so softmax cancels it (its true gradient is
+        # exactly 0 and AdamW would turn float noise in that gradient into lr-sized steps).
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model) if value_proj else None
         self.out_proj = nn.Linear(d_model, d_model)
         self.attn_drop = nn.Dropout(dropout)

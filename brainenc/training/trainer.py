@@ -246,8 +246,11 @@ class Trainer:
             model.train()
             sse = torch.zeros((), dtype=torch.float64)
             count = torch.zeros((), dtype=torch.float64)
-            batches = loader if rank else progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", total=len(sampler),
-                                                   unit="batch")
+            # iterate an explicit iterator: wrapping the DataLoader itself in tqdm creates a second
+            # iterator (and a second seed draw from the data generator) on rank 0 only
+            batches = iter(loader)
+            if rank == 0:
+                batches = progress(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", total=len(sampler), unit="batch")
             for step, (x, y) in enumerate(batches):
                 n_glob = sampler.last_global_sizes[step]
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -1,0 +1,178 @@
+"""Trainer evidence: loss decreases, bitwise resume after a kill, safetensors-only checkpoints,
+seeded data order, ensembling weights."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import softmax
+
+from brainenc.models import build_query_set, create_model
+from brainenc.training import (
+    GlobalBatchSampler,
+    SoftmaxEnsemble,
+    TrainConfig,
+    Trainer,
+    capture_rng_state,
+    load_tensors,
+    mix_predictions,
+    optimizer_from_parts,
+    optimizer_to_parts,
+    pearson_r_torch,
+    restore_rng_state,
+    softmax_weights,
+)
+
+N_TOK, F, V = 12, 24, 20
+
+
+def _data(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, N_TOK, F)).astype(np.float32)
+    Y = (X[:, 4, :V] + 0.2 * rng.standard_normal((n, V))).astype(np.float32)
+    return X, Y
+
+
+def _model(seed=123, dropout=0.1):
+    torch.manual_seed(seed)
+    qs = build_query_set("hemis", V, hemi=np.array(["lh"] * 10 + ["rh"] * 10))
+    return create_model("routing_encoder_tiny", feature_dim=F, grid=(3, 4), n_voxels=V, dropout=dropout, query_set=qs)
+
+
+def test_two_steps_lower_the_loss():
+    X, Y = _data()
+    model = _model(dropout=0.0)
+    x, y = torch.from_numpy(X[:16]), torch.from_numpy(Y[:16])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[2] < losses[1] < losses[0]
+
+
+class _Kill(Exception):
+    pass
+
+
+def _kill_after(epoch):
+    def cb(trainer, record):
+        if record["epoch"] == epoch:
+            raise _Kill
+    return cb
+
+
+def test_resume_after_kill_is_bitwise_identical(tmp_path):
+    X, Y = _data()
+    cfg = TrainConfig(epochs=4, batch_size=8, lr=2e-3, seed=7)
+    straight = _model()
+    res_a = Trainer(straight, cfg, run_dir=tmp_path / "a").fit(X[:32], Y[:32], (X[32:], Y[32:]))
+    with pytest.raises(_Kill):
+        Trainer(_model(), cfg, run_dir=tmp_path / "b").fit(X[:32], Y[:32], (X[32:], Y[32:]), callbacks=[_kill_after(2)])
+    # the "new process": other init, scrambled global RNGs; everything must come from the checkpoint
+    torch.manual_seed(999)
+    np.random.seed(1)
+    random.seed(2)
+    resumed = _model(seed=5)
+    res_b = Trainer(resumed, cfg, run_dir=tmp_path / "b").fit(X[:32], Y[:32], (X[32:], Y[32:]), resume=True)
+    last_a = load_tensors(tmp_path / "a" / "checkpoints" / "epoch-0004" / "model.safetensors")
+    last_b = load_tensors(tmp_path / "b" / "checkpoints" / "epoch-0004" / "model.safetensors")
+    assert last_a.keys() == last_b.keys()
+    for k in last_a:
+        assert torch.equal(last_a[k], last_b[k]), k
+    for k, v in straight.state_dict().items():  # best-epoch weights held by the models
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(res_a.history) == strip(res_b.history)
+    assert res_a.best_epoch == res_b.best_epoch
+    np.testing.assert_array_equal(res_a.val_scores, res_b.val_scores)
+    # dropout was active, so resume had to restore the torch RNG; and training really changed the weights
+    first = load_tensors(tmp_path / "b" / "best" / "model.safetensors")
+    assert "__val_r__" in first
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_checkpoint_files_are_safetensors_and_json_only(tmp_path):
+    X, Y = _data()
+    Trainer(_model(), TrainConfig(epochs=1, batch_size=16), run_dir=tmp_path).fit(X, Y)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").rglob("*") if p.is_file())
+    assert files == ["latest.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert not p.read_bytes().startswith(b"\x80"), f"{p} looks like a pickle"
+
+
+def test_optimizer_state_round_trip():
+    model = _model(dropout=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    X, Y = _data()
+    for _ in range(2):
+        loss = torch.nn.functional.mse_loss(model(torch.from_numpy(X[:4])), torch.from_numpy(Y[:4]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tensors, struct = optimizer_to_parts(opt)
+    struct = json.loads(json.dumps(struct))
+    opt2 = torch.optim.AdamW(model.parameters(), lr=5.0)
+    optimizer_from_parts(opt2, tensors, struct)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for i in a["state"]:
+        for k in a["state"][i]:
+            assert torch.equal(a["state"][i][k], b["state"][i][k])
+
+
+def test_rng_capture_restore():
+    g = torch.Generator().manual_seed(3)
+    tensors, meta = capture_rng_state(g)
+    meta = json.loads(json.dumps(meta))
+    first = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=g))
+    restore_rng_state(tensors, meta, g)
+    second = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=g))
+    assert torch.equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+    assert first[2] == second[2] and torch.equal(first[3], second[3])
+
+
+def test_global_batches_are_split_across_ranks():
+    gens = [torch.Generator().manual_seed(0) for _ in range(3)]
+    single = list(GlobalBatchSampler(21, 8, gens[0]))
+    r0 = list(GlobalBatchSampler(21, 8, gens[1], rank=0, world=2))
+    r1 = list(GlobalBatchSampler(21, 8, gens[2], rank=1, world=2))
+    assert [len(b) for b in single] == [8, 8, 5]
+    assert [a + b for a, b in zip(r0, r1)] == single
+    assert len(GlobalBatchSampler(17, 8, None, world=2)) == 2  # final batch of 1 < world is dropped
+
+
+def test_pearson_torch_matches_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((30, 5)), rng.standard_normal((30, 5))
+    ref = [np.corrcoef(a[:, i], b[:, i])[0, 1] for i in range(5)]
+    np.testing.assert_allclose(pearson_r_torch(torch.from_numpy(a), torch.from_numpy(b)).numpy(), ref, rtol=1e-10)
+
+
+def test_softmax_ensemble_weights():
+    rng = np.random.default_rng(0)
+    r = rng.uniform(-0.2, 0.8, (3, 7))
+    w = softmax_weights(r, tau=40)
+    np.testing.assert_allclose(w, softmax(40 * r, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(softmax_weights(r, tau=0), 1 / 3)
+    preds = rng.standard_normal((3, 4, 7))
+    np.testing.assert_allclose(mix_predictions(preds, w), np.einsum("mnv,mv->nv", preds, w), rtol=1e-5)
+    # a member that is the truth on some voxels wins those voxels at high tau
+    y = rng.standard_normal((50, 6))
+    good = y.copy()
+    good[:, 3:] = rng.standard_normal((50, 3))
+    bad = rng.standard_normal((50, 6))
+    bad[:, 3:] = y[:, 3:] + 0.01 * rng.standard_normal((50, 3))
+    ens = SoftmaxEnsemble(tau=40).fit([good, bad], y)
+    assert (ens.weights_[0, :3] > 0.99).all() and (ens.weights_[1, 3:] > 0.99).all()
+    mixed = ens.predict([good, bad])
+    assert np.abs(mixed - y).max() < 0.1
+    # same-group members are averaged before mixing
+    ens2 = SoftmaxEnsemble().fit([good, good, bad], y, groups=["a", "a", "b"])
+    assert ens2.weights_.shape == (2, 6)
