@@ -23,7 +23,7 @@ from brainenc._utils.io import atomic_path, save_npy, write_json
 from brainenc._utils.logging import get_logger
 from brainenc.config import to_dict
 
-__all__ = ["FitData", "fit_ridge", "pool_grid", "save_safetensors", "write_predictions"]
+__all__ = ["FitData", "fit_ridge", "fit_routing", "pool_grid", "save_safetensors", "write_predictions"]
 
 log = get_logger("workflows")
 
@@ -46,6 +46,11 @@ class FitData:
     n_prefix : int
         Prefix (CLS/register) tokens before the patch tokens.
     roi_masks : dict of str -> bool array of shape (n_voxels,)
+    roi_labels : dict of str -> int array of shape (n_voxels,)
+        ROI label per family (0 = none), as ``PreparedDataset.roi_labels``.
+    roi_names : dict of str -> dict of int -> str
+    hemi : array of shape (n_voxels,) or None
+        Hemisphere per voxel when the geometry has one (fsaverage).
     """
 
     responses: Any
@@ -54,6 +59,9 @@ class FitData:
     grid: tuple | None
     n_prefix: int
     roi_masks: dict
+    roi_labels: dict = dataclasses.field(default_factory=dict)
+    roi_names: dict = dataclasses.field(default_factory=dict)
+    hemi: Any = None
 
 
 def save_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> Path:
@@ -196,3 +204,49 @@ def fit_ridge(ctx, cfg, data: FitData) -> dict:
             "fit_seconds": round(fit_s, 3), "solver": enc.solver_,
             "alpha_counts": {f"{v:g}": int(c) for v, c in zip(values, counts)},
             "extras": {"alpha": ctx.rel(alpha)}}
+
+
+def fit_routing(ctx, cfg, data: FitData) -> dict:
+    """Train :class:`brainenc.encoding.RoutingEncoder` on the train rows' patch tokens.
+
+    Checkpoints go to ``models/<name>/train/``, so a killed fit stage resumes from its last
+    epoch on the next run (same stage key). The fitted encoder is saved with
+    ``save_pretrained`` (safetensors + JSON) in ``models/<name>/``.
+
+    Parameters
+    ----------
+    ctx : StageContext
+    cfg : RoutingFitConfig
+    data : FitData
+        Needs patch tokens with a grid (``[features] tokens = "patch"``).
+
+    Returns
+    -------
+    dict
+        Stage outputs: files, n_train, best epoch, query count.
+    """
+    from brainenc.encoding.routing import RoutingEncoder
+
+    if data.grid is None:
+        raise ValueError(f"'fit.{cfg.name}': the routing encoder needs patch tokens with a grid")
+    tokens = data.features("tokens")
+    if data.n_prefix:
+        tokens = tokens[:, data.n_prefix:]
+    train = data.splits["train"]
+    enc = RoutingEncoder(dict(cfg.model), roi_labels=data.roi_labels, roi_names=data.roi_names, hemi=data.hemi)
+    mdir = ctx.path("models", cfg.name, "x").parent
+    train_dir = mdir / "train"
+    resume = train_dir.is_dir() and any(train_dir.iterdir())
+    t0 = time.perf_counter()
+    enc.fit(tokens[train], np.asarray(data.responses[train], dtype=np.float32), grid=tuple(data.grid),
+            run_dir=train_dir, resume=resume)
+    fit_s = time.perf_counter() - t0
+    enc.save_pretrained(mdir)
+    files = [ctx.rel(mdir / "model.safetensors"), ctx.rel(mdir / "config.json")]
+    files = [f for f in files if (ctx.run_dir / f).exists()] or [ctx.rel(mdir)]
+    files += write_predictions(ctx, cfg.name, data, lambda rows: enc.predict(tokens[rows]))
+    n_q = len(enc.query_set_.names) if enc.query_set_ is not None else int(enc.n_voxels_)
+    log.info("fit %s: routing encoder (%s queries) on %d train rows in %.1f s, best epoch %s",
+             cfg.name, n_q, train.size, fit_s, enc.best_epoch_)
+    return {"files": files, "n_train": int(train.size), "fit_seconds": round(fit_s, 3),
+            "best_epoch": int(enc.best_epoch_), "n_queries": int(n_q), "resumed": bool(resume)}

@@ -262,7 +262,8 @@ def _stage_fit(spec: PipelineSpec, data_dir: Path, cfg):
 
         data = FitData(responses=ds.responses, splits=ds.splits, features=features,
                        grid=tuple(fs.grid) if getattr(fs, "grid", None) else None,
-                       n_prefix=int(getattr(fs, "n_prefix", 0)), roi_masks=ds.roi_masks())
+                       n_prefix=int(getattr(fs, "n_prefix", 0)), roi_masks=ds.roi_masks(),
+                       roi_labels=ds.roi_labels, roi_names=ds.roi_names, hemi=ds.geometry.get("hemi"))
         return FIT_KINDS.get(cfg.kind)["fit"](ctx, cfg, data)
     return run
 

@@ -24,7 +24,7 @@ from brainenc.exceptions import ConfigError
 from brainenc.registry import Registry
 from brainenc.report import ReportOptions
 
-__all__ = ["PipelineSpec", "EvaluateConfig", "RidgeFitConfig", "FIT_KINDS", "register_fit_kind",
+__all__ = ["PipelineSpec", "EvaluateConfig", "RidgeFitConfig", "RoutingFitConfig", "FIT_KINDS", "register_fit_kind",
            "parse_pipeline", "load_pipeline", "resolve_pipeline_path", "pipelines_dir", "SECTIONS"]
 
 SECTIONS = ("pipeline", "prepare", "simulate", "features", "fit", "evaluate", "report")
@@ -106,6 +106,32 @@ class RidgeFitConfig:
             raise ConfigError(f"'fit.{self.name}.grid_pool' must be >= 0 and needs features = 'tokens'")
         if self.cv is not None and self.cv < 2:
             raise ConfigError(f"'fit.{self.name}.cv' must be >= 2 (or omitted for GCV); {self.cv!r} was provided")
+
+
+@dataclasses.dataclass
+class RoutingFitConfig:
+    """``[[fit]] kind = "routing"``: the attention-routing transformer encoder on patch tokens.
+
+    Attributes
+    ----------
+    name : str
+    kind : str
+        ``"routing"``.
+    model : dict
+        :class:`brainenc.encoding.routing.RoutingEncoderConfig` keys (``queries``, ``d_model``,
+        ``n_layers``, ..., and a ``train`` table of TrainConfig keys: ``epochs``, ``lr``, ``device``...),
+        validated when the spec is read. In TOML: ``[fit.model]`` and ``[fit.model.train]`` after
+        the ``[[fit]]`` header.
+    """
+
+    name: str = "routing"
+    kind: str = "routing"
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def check(self) -> None:
+        from brainenc.encoding.routing import RoutingEncoderConfig
+
+        from_dict(RoutingEncoderConfig, self.model, _prefix=f"fit.{self.name}.model.")
 
 
 @dataclasses.dataclass
@@ -342,3 +368,4 @@ def _register_builtin_kinds() -> None:
     from brainenc.workflows import fitters
 
     register_fit_kind("ridge", RidgeFitConfig, fitters.fit_ridge)
+    register_fit_kind("routing", RoutingFitConfig, fitters.fit_routing)

@@ -47,6 +47,22 @@ features = "pooled"
 alphas = [1.0, 100.0]
 cv = 3
 
+[[fit]]
+name = "routing"
+kind = "routing"
+[fit.model]
+queries = "rois"
+families = ["prf-visualrois", "floc-faces"]
+d_model = 16
+n_heads = 2
+d_ffn = 32
+val_fraction = 0.2
+[fit.model.train]
+epochs = 2
+batch_size = 32
+device = "cpu"
+amp = false
+
 [report]
 n_best_voxels = 4
 n_slices = 4
@@ -65,10 +81,10 @@ def test_quickstart_like_pipeline_end_to_end(tmp_path, monkeypatch):
     spec = tmp_path / "tiny.toml"
     spec.write_text(SPEC)
     data = tmp_path / "data"
-    stages = ["prepare", "features", "fit.ridge", "fit.pooled", "evaluate", "report"]
+    stages = ["prepare", "features", "fit.ridge", "fit.pooled", "fit.routing", "evaluate", "report"]
 
     # 1) a crash inside a fit stage keeps the finished stages
-    entry = FIT_KINDS.get("ridge")
+    entry = FIT_KINDS.get("ridge")  # "pooled" is a ridge model
     real_fit = entry["fit"]
 
     def crashing(ctx, cfg, d):
@@ -114,6 +130,7 @@ def test_quickstart_like_pipeline_end_to_end(tmp_path, monkeypatch):
     np.testing.assert_allclose(np.asarray(img.dataobj)[idx[:, 0], idx[:, 1], idx[:, 2]], np.nan_to_num(r), atol=1e-6)
     index = (run_dir / "report" / "index.md").read_text()
     assert "| ROI | n voxels | noise ceiling | ridge mean r |" in index and "pooled NC-norm" in index
+    assert "routing NC-norm" in index and (run_dir / "models" / "routing" / "model.safetensors").is_file()
     assert "Comparison with the simulator's ground truth" in index
     for fig in ("roi_bars.png", "pred_vs_measured.png", "ridge_nc_norm_slices.png", "ground_truth_nc.png"):
         assert (run_dir / "report" / "figures" / fig).stat().st_size > 1000, fig
