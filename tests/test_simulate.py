@@ -386,8 +386,10 @@ def test_default_build_via_cli(tmp_path, capsys):
     got = np.asarray(nib.load(root.joinpath(*BDIR, "ncsnr.nii.gz")).dataobj)[mask]
     np.testing.assert_allclose(got, _ncsnr_reference(sessions, mo), rtol=1e-5, atol=1e-6)
     # second subject: same design, own images added to the same stimuli file, shared images identical
+    with h5py.File(root / "brainenc_ground_truth_subj01.h5", "r") as g1:
+        shared_id = int(g1["images/nsd_id"][:][g1["images/is_shared"][:]][0])
     with h5py.File(layout.stimuli_path(root), "r") as f:
-        shared_id = int(np.sort(f["imgBrick"].id.get_chunk_info(0).chunk_offset)[0])
+        shared_img = f["imgBrick"][shared_id]
     assert main(["--data-dir", str(data), "-q", "simulate", "--subject", "subj02",
                  "--set", "grid=[20,24,20]"]) == 0
     assert layout.n_sessions(root, "subj02") == 3
@@ -398,4 +400,4 @@ def test_default_build_via_cli(tmp_path, capsys):
         assert np.intersect1d(ids1, ids2).size == cfg.n_shared
     with h5py.File(layout.stimuli_path(root), "r") as f:
         assert f["imgBrick"].id.get_num_chunks() == 2 * cfg.n_images - cfg.n_shared
-        assert f["imgBrick"][shared_id].any()
+        assert shared_img.any() and np.array_equal(f["imgBrick"][shared_id], shared_img)
