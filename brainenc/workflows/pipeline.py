@@ -18,6 +18,7 @@ Prepared datasets and features live in the shared caches (``<data root>/prepared
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from brainenc import __version__
-from brainenc._utils.io import load_npy, read_json, save_npy, sha256_file, write_json
+from brainenc._utils.io import load_npy, read_json, save_npy, write_json
 from brainenc._utils.logging import get_logger
 from brainenc._utils.paths import features_root, nsd_root as default_nsd_root, prepared_root, resolve_data_dir, runs_root
 from brainenc.config import to_dict
@@ -123,18 +124,21 @@ def _has_subject_data(nsd: Path, spec: PipelineSpec) -> bool:
             and layout.betas_dir(nsd, cfg.subject, cfg.space, cfg.beta_version).is_dir())
 
 
-def data_fingerprint(nsd: Path) -> dict:
-    """A cheap identity of an NSD root, part of the prepare stage's key.
+def data_fingerprint(nsd: Path, subject: str) -> dict:
+    """A cheap identity of one subject's data in an NSD root, part of the prepare stage's key.
 
-    The simulator's manifest is hashed (a re-simulation with other settings changes it); for a
-    real release the experiment design file's size is used (the release does not change).
+    For a simulated root it is the subject's entry of the simulator's manifest (sizes, seed-dependent
+    file checksums), so re-simulating with other settings reruns the pipeline but simulating
+    another subject into the same root does not. For a real release it is the root path and the
+    experiment design file's size (the release does not change).
     """
     from brainenc.datasets import layout
 
-    man = Path(nsd) / layout.SIMULATION_MANIFEST
     out: dict = {"nsd_root": str(Path(nsd).resolve())}
-    if man.is_file():
-        out["simulation_manifest"] = sha256_file(man)[:16]
+    man = layout.simulation_manifest(nsd)
+    if man is not None:
+        entry = man.get("subjects", {}).get(subject)
+        out["simulated"] = hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
     exp = layout.expdesign_path(nsd)
     if exp.is_file():
         out["expdesign_size"] = exp.stat().st_size
@@ -369,7 +373,7 @@ def _stage_report(spec: PipelineSpec, stage_names: Sequence[str]):
 def build_stages(spec: PipelineSpec, data_dir: Path, nsd: Path) -> list[Stage]:
     """The stage graph of ``spec`` (one ``fit.<name>`` stage per ``[[fit]]`` model)."""
     prepare_cfg = {"prepare": spec.prepare.key_dict() if hasattr(spec.prepare, "key_dict") else to_dict(spec.prepare),
-                   "data": data_fingerprint(nsd)}
+                   "data": data_fingerprint(nsd, spec.prepare.subject)}
     stages = [
         Stage("prepare", _stage_prepare(spec, data_dir, nsd), prepare_cfg),
         Stage("features", _stage_features(spec, data_dir), to_dict(spec.features), deps=["prepare"]),
