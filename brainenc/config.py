@@ -63,7 +63,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"'{key}' must have {len(args)} items; {value!r} was provided")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         elem = args[0] if args else Any
         out = [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out

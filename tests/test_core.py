@@ -128,3 +128,16 @@ def test_cli_one_line_error(capsys, tmp_path):
     assert main(["prepare", "--data-dir", str(tmp_path), "--subject", "nobody"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "subject" in err
+
+
+@dataclasses.dataclass
+class WithTuple:
+    grid: tuple[int, int, int] = (1, 2, 3)
+
+
+def test_fixed_length_tuple_coercion():
+    assert from_dict(WithTuple, {"grid": [24, 28, 24]}).grid == (24, 28, 24)
+    with pytest.raises(ConfigError, match=r"'grid\[1\]' must be an integer"):
+        from_dict(WithTuple, {"grid": [24, "a", 24]})
+    with pytest.raises(ConfigError, match="must have 3 items"):
+        from_dict(WithTuple, {"grid": [24, 28]})
