@@ -98,6 +98,22 @@ class ArrayImages:
         return f"ArrayImages(shape={self.array.shape})"
 
 
+def read_runs(ds, sorted_ids: np.ndarray) -> np.ndarray:
+    """Read rows ``sorted_ids`` (sorted, unique) of an h5py dataset as contiguous slices.
+
+    h5py point selection (``ds[list]``) on a per-image-chunked brick is ~30x slower than
+    slicing: with NSD's one-image chunks, each run of consecutive ids is one slice read.
+    """
+    out = np.empty((len(sorted_ids),) + tuple(ds.shape[1:]), dtype=ds.dtype)
+    breaks = np.flatnonzero(np.diff(sorted_ids) != 1) + 1
+    start = 0
+    for stop in list(breaks) + [len(sorted_ids)]:
+        a, b = int(sorted_ids[start]), int(sorted_ids[stop - 1]) + 1
+        ds.read_direct(out, source_sel=np.s_[a:b], dest_sel=np.s_[start:stop])
+        start = stop
+    return out
+
+
 class HDF5Images:
     """Lazy reader of an image brick in an HDF5 file (NSD ``nsd_stimuli.hdf5`` layout).
 
@@ -159,7 +175,7 @@ class HDF5Images:
         if ids.size == 0:
             return np.zeros((0,) + tuple(ds.shape[1:]), dtype=np.uint8)
         uniq, inverse = np.unique(ids, return_inverse=True)
-        block = ds[uniq] if uniq.size > 1 else ds[int(uniq[0])][None]
+        block = read_runs(ds, uniq)
         return np.ascontiguousarray(block[inverse.reshape(-1)])
 
     def identity(self) -> str:
