@@ -48,8 +48,8 @@ def plot_roi_bars(rows: Sequence[Mapping], models: Sequence[str], path: str | Pa
                   title: str = "Per-ROI scores") -> Path:
     """Bar chart per ROI comparing models, with the noise ceiling marked.
 
-    Left panel: variance explained (mean R² per ROI, per model) with the ROI's mean noise
-    ceiling drawn as a black tick, both as fractions of variance. Right panel: the
+    Top panel: variance explained (mean R² per ROI, per model) with the ROI's mean noise
+    ceiling drawn as a black tick, both as fractions of variance. Bottom panel: the
     noise-normalised score (1 = at the ceiling).
 
     Parameters
@@ -69,8 +69,8 @@ def plot_roi_bars(rows: Sequence[Mapping], models: Sequence[str], path: str | Pa
     n, m = len(rois), max(len(models), 1)
     x = np.arange(n)
     width = 0.8 / m
-    fig = _figure(max(6.0, 0.55 * n * (1 + 0.25 * m)) + 2, 4.2)
-    ax1, ax2 = fig.subplots(1, 2)
+    fig = _figure(min(max(7.0, 0.3 * n * (1 + 0.3 * m) + 1.5), 18.0), 7.5)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     colors = [f"C{i}" for i in range(m)]
     for i, model in enumerate(models):
         off = (i - (m - 1) / 2) * width
@@ -84,10 +84,10 @@ def plot_roi_bars(rows: Sequence[Mapping], models: Sequence[str], path: str | Pa
     ax2.axhline(1.0, color="black", lw=1, ls="--", label="noise ceiling")
     ax1.set_ylabel("variance explained (test R²)")
     ax2.set_ylabel("noise-normalised score")
+    ax2.set_xticks(x, rois, rotation=60, ha="right", fontsize=8)
     for ax in (ax1, ax2):
-        ax.set_xticks(x, rois, rotation=60, ha="right", fontsize=8)
         ax.axhline(0, color="grey", lw=0.5)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=m + 1, frameon=False)
     fig.suptitle(title)
     return save_figure(fig, path)
 
