@@ -20,7 +20,6 @@ from torch import nn
 
 from brainenc._utils.io import write_text
 from brainenc._utils.logging import get_logger, progress
-from brainenc._utils.validation import check_option
 from brainenc.config import to_dict
 from brainenc.exceptions import ConfigError, DataFormatError
 from brainenc.training.checkpoint import (
