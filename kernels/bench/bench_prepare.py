@@ -3,7 +3,7 @@
 Writes a fake subj01 in the NSD layout with the real shapes of one subject (func1pt8mm grid
 81 x 104 x 83, nsdgeneral = 15724 voxels, int16 NIfTI ``betas_sessionNN.nii.gz`` (X, Y, Z, 750), zeros
 outside an ellipsoid brainmask, a full-size ``nsd_expdesign.mat``), but only ``--sessions`` sessions
-(declared through ``brainenc_simulated.json``). Then, each in a fresh subprocess whose peak RSS is read
+(declared through ``brainenc_simulated.json``); each session shows 250 images 3 times. Then, each in a fresh subprocess whose peak RSS is read
 from ``os.wait4`` (``ru_maxrss``):
 
 - ``prepare_subject`` with ``n_sessions`` = 1 .. ``--sessions`` (default choices: nsdgeneral, per-session
@@ -77,7 +77,10 @@ def write_layout(root: Path, n_sessions: int, seed: int = 0) -> dict:
     import scipy.io
 
     rng = np.random.default_rng(seed)
-    mo = rng.permutation(np.repeat(np.arange(1, 10001), 3))[None, :].astype(np.float64)
+    # each session shows 250 slots 3 times (as the simulator does), so every trial belongs to a 3-repeat
+    # image whatever the number of sessions: the ncsnr pass costs per session what it costs at 40 sessions
+    slots = rng.permutation(np.arange(1, 10001)).reshape(40, 250)
+    mo = np.concatenate([rng.permutation(np.repeat(b, 3)) for b in slots])[None, :].astype(np.float64)
     ids = rng.permutation(np.arange(1, 73001))
     subjectim = np.zeros((8, 10000))
     sharedix = np.sort(ids[:1000])
