@@ -231,6 +231,11 @@ def plot_surface_map(values, geometry: Mapping, path: str | Path, title: str = "
                                             axes=axes[row, col], figure=fig, colorbar=False, cmap=cmap,
                                             vmax=vmax, threshold=None, engine="matplotlib")
                 axes[row, col].set_title(f"{hemi} {view}", fontsize=8)
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        vmin = float(min(0.0, np.nanmin(finite))) if finite.size else 0.0
+        fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), ax=list(axes.ravel()), shrink=0.5)
     else:
         fig = _figure(9, 4)
         axes = fig.subplots(2, 1, sharex=True)
