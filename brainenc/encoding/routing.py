@@ -24,6 +24,7 @@ from brainenc.exceptions import ConfigError, DataFormatError, NotFittedError
 from brainenc.models import QuerySet, RoutingEncoderModel, RoutingModelConfig, build_query_set
 from brainenc.models.queries import COMBINE_RULES, QUERY_KINDS
 from brainenc.training import TrainConfig, Trainer, load_tensors, save_tensors, seed_everything
+from brainenc.training.data import RowSubset
 
 __all__ = ["RoutingEncoderConfig", "RoutingEncoder"]
 
@@ -201,8 +202,9 @@ class RoutingEncoder:
             perm = np.random.default_rng(c.val_seed).permutation(n)
             vi, ti = np.sort(perm[:n_val]), np.sort(perm[n_val:])
             self.train_index_, self.val_index_ = ti, (vi if n_val else None)
-            Xt, Yt = tokens[ti], Y[ti]
-            val = (tokens[vi], Y[vi]) if n_val >= 2 else None
+            # lazy row views: a memmap of cached tokens is not copied into memory
+            Xt, Yt = RowSubset(tokens, ti), Y[ti]
+            val = (RowSubset(tokens, vi), Y[vi]) if n_val >= 2 else None
         self.grid_ = (int(grid[0]), int(grid[1]))
         self.n_voxels_, self.n_features_, self.n_tokens_ = V, int(d), int(t)
         self.query_set_ = self._query_set(V)

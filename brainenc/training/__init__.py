@@ -9,7 +9,7 @@ from brainenc.training.checkpoint import (
     save_checkpoint,
     save_tensors,
 )
-from brainenc.training.data import ArrayDataset, GlobalBatchSampler, make_loader
+from brainenc.training.data import ArrayDataset, GlobalBatchSampler, RowSubset, make_loader
 from brainenc.training.ddp import cleanup_distributed, distributed_info, init_distributed
 from brainenc.training.ensemble import SoftmaxEnsemble, mix_predictions, softmax_weights
 from brainenc.training.losses import mse_sum, pearson_r_torch
@@ -21,6 +21,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "ArrayDataset",
+    "RowSubset",
     "GlobalBatchSampler",
     "make_loader",
     "init_distributed",

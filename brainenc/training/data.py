@@ -9,7 +9,37 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["ArrayDataset", "GlobalBatchSampler", "make_loader"]
+__all__ = ["ArrayDataset", "RowSubset", "GlobalBatchSampler", "make_loader"]
+
+
+class RowSubset:
+    """Lazy row subset of an array (e.g. a train/validation split of a memmap) without copying it.
+
+    Parameters
+    ----------
+    array : array [n, ...]
+    index : int array [m]
+        Rows of ``array`` exposed as rows ``0..m-1``.
+    """
+
+    def __init__(self, array, index):
+        self.array = array
+        self.index = np.asarray(index, dtype=np.int64)
+        self.shape = (len(self.index),) + tuple(np.shape(array)[1:])
+        self.dtype = array.dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx):
+        rows = self.index[idx]
+        if np.ndim(rows) == 0:
+            return self.array[int(rows)]
+        order = np.argsort(rows, kind="stable")  # sorted reads on memmaps
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        return np.asarray(self.array[rows[order]])[inv]
 
 
 class ArrayDataset(Dataset):

@@ -176,3 +176,16 @@ def test_softmax_ensemble_weights():
     # same-group members are averaged before mixing
     ens2 = SoftmaxEnsemble().fit([good, good, bad], y, groups=["a", "a", "b"])
     assert ens2.weights_.shape == (2, 6)
+
+
+def test_row_subset_reads_memmap_rows_lazily(tmp_path):
+    from brainenc.training import ArrayDataset, RowSubset
+
+    arr = np.arange(60, dtype=np.float32).reshape(10, 3, 2)
+    np.save(tmp_path / "a.npy", arr)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    sub = RowSubset(mm, [7, 2, 5])
+    assert len(sub) == 3 and sub.shape == (3, 3, 2)
+    np.testing.assert_array_equal(sub[np.array([2, 0])], arr[[5, 7]])
+    x, = ArrayDataset(sub).__getitems__([1, 2, 0])
+    np.testing.assert_array_equal(x.numpy(), arr[[2, 5, 7]])
