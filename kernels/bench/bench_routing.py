@@ -87,6 +87,16 @@ def _child(args) -> dict:
         sync()
         return y
 
+    # one-time costs (autograd engine threads, lazy library init: ~40 MB RSS) are paid on a tiny
+    # problem first so that the memory delta below is the op's own working memory.
+    tq, tw = rnd(H, 8, D), rnd(H, 8, D)
+    tk, tv = rnd(1, H, 4, D), rnd(1, H, 4, D)
+    for t in (tq, tk, tv, tw):
+        t.requires_grad_(grad)
+    ty = routing_attention(tq, tk, tv, tw, **{**kw, "chunk_size": 4} if args.impl == "chunked" else kw)
+    if grad:
+        ty.backward(torch.ones_like(ty))  # a non-scalar grad_output, as below (its first use costs ~1 s)
+    del ty
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -230,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="float32 (cpu default) / bfloat16 (cuda default)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole sequence; keep each row's best round")
     ap.add_argument("--chunk-size", type=int, default=0, help="chunked: voxels per chunk (0 = automatic)")
     ap.add_argument("--no-mmap", action="store_true", help="skip the MALLOC_MMAP_THRESHOLD_ memory runs")
     ap.add_argument("--out", default=None)
@@ -255,18 +266,32 @@ def main(argv=None) -> int:
     dims = [int(d) for d in args.dims.split(",")]
     modes = args.modes.split(",")
     rows = []
-    for D in dims:
-        for impl in impls:
-            for mode in modes:
-                row = _run_child(args, impl, mode, D, mmap=False)
-                if not gpu and not args.no_mmap and "error" not in row:
-                    mm = _run_child(args, impl, mode, D, mmap=True)
-                    row["mem_mmap_mb"] = mm.get("mem_mb")
-                    row["mem_mmap_after_reps_mb"] = mm.get("mem_after_reps_mb")
-                    row["mmap_run_ms"] = mm.get("median_ms")
-                rows.append(row)
-                msg = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items() if k != "times_ms"}
-                print(json.dumps(msg), flush=True)
+    # rounds: the whole (D, impl, mode) sequence is repeated; each row keeps the round with the
+    # lowest median (the machine is shared: interleaving rounds evens out load swings between impls).
+    for rnd in range(args.rounds):
+        for D in dims:
+            for impl in impls:
+                for mode in modes:
+                    row = _run_child(args, impl, mode, D, mmap=False)
+                    row["round"] = rnd
+                    if rnd == 0 and not gpu and not args.no_mmap and "error" not in row:
+                        mm = _run_child(args, impl, mode, D, mmap=True)
+                        row["mem_mmap_mb"] = mm.get("mem_mb")
+                        row["mem_mmap_after_reps_mb"] = mm.get("mem_after_reps_mb")
+                        row["mmap_run_ms"] = mm.get("median_ms")
+                    msg = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items() if k != "times_ms"}
+                    print(json.dumps(msg), flush=True)
+                    prev = next((r for r in rows if (r["impl"], r["mode"], r["D"]) == (impl, mode, D)), None)
+                    if prev is None:
+                        row["round_medians_ms"] = [row.get("median_ms")]
+                        rows.append(row)
+                        continue
+                    prev["round_medians_ms"].append(row.get("median_ms"))
+                    if "error" not in row and ("error" in prev or row["median_ms"] < prev["median_ms"]):
+                        keep = {k: prev[k] for k in ("mem_mmap_mb", "mem_mmap_after_reps_mb", "mmap_run_ms",
+                                                     "round_medians_ms") if k in prev}
+                        prev.clear()
+                        prev.update(row, **keep)
     for r in rows:  # ratios vs sdpa of the same D and mode
         base = next((s for s in rows if s["impl"] == "sdpa" and s["mode"] == r["mode"] and s["D"] == r["D"]
                      and "error" not in s), None)
@@ -281,8 +306,9 @@ def main(argv=None) -> int:
         "device": args.device,
         "machine": _machine(args.device, args.threads),
         "config": {"B": args.B, "H": args.H, "V": args.V, "P": args.P, "dims": dims, "dtype": args.dtype,
-                   "reps": args.reps, "threads": args.threads, "chunk_size": args.chunk_size or "auto"},
-        "method": ("fresh subprocess per (impl, D, mode); median of reps after one warm-up call; "
+                   "reps": args.reps, "rounds": args.rounds, "threads": args.threads, "chunk_size": args.chunk_size or "auto"},
+        "method": ("fresh subprocess per (impl, D, mode); median of reps after one warm-up call; with "
+                   "--rounds N the sequence runs N times interleaved and each row keeps its lowest median; "
                    + ("memory = CUDA max_memory_allocated delta of the first call"
                       if gpu else "memory = ru_maxrss delta of the first call; mem_mmap_mb from a second run "
                       "with MALLOC_MMAP_THRESHOLD_=65536 (live bytes; use it for memory comparisons)")),
