@@ -308,14 +308,7 @@ def parse_pipeline(data: dict, *, subject: str | None = None, overrides: list[st
 
         sim = dict(data.get("simulate", {}))
         sim["subject"] = prepare.subject
-        # fixed-length tuple fields (grid) are passed through dataclasses.replace, which re-runs
-        # SimulationConfig's own check: config.from_dict mis-coerces tuple[int, int, int]
-        grid = sim.pop("grid", None)
         simulation = from_dict(SimulationConfig, sim, _prefix="simulate.")
-        if grid is not None:
-            if not isinstance(grid, (list, tuple)) or not all(isinstance(g, int) and not isinstance(g, bool) for g in grid):
-                raise ConfigError(f"'simulate.grid' must be a list of 3 integers; {grid!r} was provided")
-            simulation = dataclasses.replace(simulation, grid=tuple(grid))
 
     features = from_dict(FeatureSpec, data.get("features", {}), _prefix="features.")
 
