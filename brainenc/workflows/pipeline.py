@@ -37,7 +37,7 @@ from brainenc._utils.logging import get_logger
 from brainenc._utils.paths import features_root, nsd_root as default_nsd_root, prepared_root, resolve_data_dir, runs_root
 from brainenc.config import to_dict
 from brainenc.exceptions import ConfigError, DataFormatError
-from brainenc.workflows.engine import Stage, StageContext, read_stage_record, run_stages
+from brainenc.workflows.engine import Stage, StageContext, read_stage_record, run_stages, select_stages
 from brainenc.workflows.fitters import FitData
 from brainenc.workflows.spec import FIT_KINDS, PipelineSpec, load_pipeline
 
@@ -431,6 +431,7 @@ def run_pipeline(pipeline, subject: str | None = "subj01", data_dir=None, nsd_ro
     data_dir = resolve_data_dir(data_dir)
     nsd = Path(nsd_root).expanduser().resolve() if nsd_root else default_nsd_root(data_dir)
     run_dir = run_dir_for(spec, data_dir, out)
+    select_stages(build_stages(spec, data_dir, nsd), stages)  # unknown stage names fail before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with _run_log(run_dir):

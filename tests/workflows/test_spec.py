@@ -99,3 +99,11 @@ def test_run_pipeline_validates_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="'space' must be one of"):
         run_pipeline(bad, data_dir=tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+def test_unknown_stage_name_fails_before_any_work(tmp_path):
+    from brainenc.workflows import run_pipeline
+
+    with pytest.raises(ConfigError, match="unknown stage 'fitt'.*Did you mean 'fit'"):
+        run_pipeline("quickstart", data_dir=tmp_path / "data", stages=["fitt"])
+    assert not (tmp_path / "data").exists()
