@@ -226,6 +226,20 @@ def _targets(rows: list[dict], device: str) -> dict:
     return res
 
 
+def markdown_table(result: dict) -> str:
+    """Rows of a results file as a markdown table (for kernels/README.md)."""
+    lines = ["| D | impl | mode | median ms | time vs sdpa | peak MB (default) | peak MB (mmap) | mem vs sdpa |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['D']} | {r['impl']} | {r['mode']} | error: {r['error']} | | | | |")
+            continue
+        mm = r.get("mem_mmap_mb")
+        lines.append(f"| {r['D']} | {r['impl']} | {r['mode']} | {r['median_ms']:.0f} | {r.get('time_vs_sdpa', '')} | "
+                     f"{r['mem_mb']:.0f} | {'' if mm is None else f'{mm:.0f}'} | {r.get('mem_vs_sdpa', '')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -324,6 +338,8 @@ def main(argv=None) -> int:
     from brainenc._utils.io import write_json
 
     write_json(out, result)
+    print(markdown_table(result))
+    print(json.dumps(result["targets"], indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -27,8 +27,10 @@ from brainenc.ops.routing.reference import compute_dtype
 __all__ = ["routing_chunked", "choose_chunk_size", "chunked_memory", "CPU_CHUNK_ELEMENTS", "CUDA_CHUNK_ELEMENTS"]
 
 #: Cache-friendly chunk target on CPU: a chunk buffer of H*C*B*P elements at most this size
-#: (2**21 fp32 elements = 8 MiB; tuned with kernels/bench/bench_routing.py on a 2-core EPYC).
-CPU_CHUNK_ELEMENTS = 1 << 21
+#: (2**22 fp32 elements = 16 MiB per half of the stacked buffer; routing_kernel.md §7 measured 1024
+#: voxels at B=16, P=256 as the best of 256/1024/4096, and fewer, larger chunks mean fewer thread
+#: barriers, which matters on a shared machine).
+CPU_CHUNK_ELEMENTS = 1 << 22
 #: On CUDA bigger chunks mean fewer, larger kernel launches.
 CUDA_CHUNK_ELEMENTS = 1 << 27
 #: Smallest chunk the memory estimate assumes (a budget that cannot hold it rejects the backend).
