@@ -1,1 +1,33 @@
-"""brainenc.encoding"""
+"""Encoding estimators (image features -> voxel responses), sklearn-style.
+
+- :class:`RidgeEncoder`: ridge with per-voxel alpha chosen by K-fold CV or GCV/LOO.
+- :class:`BandedRidgeEncoder`: banded ridge over several feature spaces.
+- :class:`RoutingEncoder`: transformer brain encoder with attention routing (ROI or voxel queries).
+
+``score`` of every estimator returns one value per voxel, shape ``(n_voxels,)``.
+The routing encoder (torch) is imported lazily.
+"""
+from brainenc.encoding._ridge_solvers import solve_banded_ridge_cv, solve_ridge, solve_ridge_cv, solve_ridge_gcv
+from brainenc.encoding.banded import BandedRidgeEncoder, make_band_gammas
+from brainenc.encoding.ridge import DEFAULT_ALPHAS, RidgeEncoder
+
+__all__ = [
+    "RidgeEncoder",
+    "BandedRidgeEncoder",
+    "RoutingEncoder",
+    "RoutingEncoderConfig",
+    "DEFAULT_ALPHAS",
+    "make_band_gammas",
+    "solve_ridge",
+    "solve_ridge_cv",
+    "solve_ridge_gcv",
+    "solve_banded_ridge_cv",
+]
+
+
+def __getattr__(name):
+    if name in ("RoutingEncoder", "RoutingEncoderConfig"):
+        from brainenc.encoding import routing
+
+        return getattr(routing, name)
+    raise AttributeError(f"module 'brainenc.encoding' has no attribute {name!r}")
