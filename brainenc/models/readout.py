@@ -72,13 +72,13 @@ class GroupedReadout(nn.Module):
         y : Tensor [B, V]
         """
         B = z.shape[0]
-        pieces = []
-        for r in range(self.n_queries):
-            s, e = self.offsets[r], self.offsets[r + 1]
-            if e == s:
-                continue
-            w_r = self.weight.index_select(0, self.pair_voxel[s:e])  # [n_r, D]
-            pieces.append(z[:, r] @ w_r.to(z.dtype).T)  # [B, n_r]
+        # one gather for all pairs (query-sorted): its backward is a single index_add into [V, D]
+        # (a gather per query would allocate and scatter a full [V, D] gradient Q times)
+        # (a gather per query would allocate and scatter a full [V, D] gradient Q times). split/unbind
+        # (not slicing) keep the backward to one concatenation instead of Q zero-filled copies.
+        w_pairs = self.weight.index_select(0, self.pair_voxel).to(z.dtype)  # [nnz, D]
+        sizes = [self.offsets[r + 1] - self.offsets[r] for r in range(self.n_queries)]
+        pieces = [z_r @ w_r.T for z_r, w_r, n in zip(z.unbind(1), torch.split(w_pairs, sizes), sizes) if n]
         vals = torch.cat(pieces, dim=1)  # [B, nnz]
         if not self._unit_weights:
             vals = vals * self.pair_weight.to(vals.dtype)
