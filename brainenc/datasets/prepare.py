@@ -41,7 +41,7 @@ from brainenc.exceptions import ConfigError, DataFormatError
 __all__ = ["PrepareConfig", "PreparedDataset", "prepare_subject", "load_prepared", "list_prepared",
            "FORMAT_VERSION"]
 
-FORMAT_VERSION = 3  # bump whenever the computation changes: it is part of the cache key
+FORMAT_VERSION = 4  # bump whenever the computation changes: it is part of the cache key
 COMPLETE = "COMPLETE"
 MASKS = ("nsdgeneral", "brainmask", "none")
 REPEATS = ("average", "single")
@@ -656,7 +656,7 @@ def _build(plan: _Plan, out: Path) -> dict:
             n_rep = counts.astype(np.int64)
             split_of = {k: uniq_pairs[:, 1] == j for j, k in enumerate(names)}
             resp = _NpyWriter(out / "responses.npy", image_ids.size, n_vox)
-            step = 512
+            step = 256  # images per block (bounds the float64 block at ~3 x 256 x n_vox x 8 bytes)
             for g0 in range(0, image_ids.size, step):
                 g1 = min(g0 + step, image_ids.size)
                 trials = t_used[order[starts[g0]:starts[g1]]]
@@ -715,16 +715,23 @@ def _compute_ncsnr(plan, reader, file_row, m_used, sd_used, m_all, sd_all, const
     t3 = t[np.isin(table.slot[t], keep)]
     t3 = t3[np.argsort(table.slot[t3], kind="stable")].reshape(-1, 3)  # (n_img, 3) trials per image
     n_vox = m_all.shape[1]
+    # stored y = (x - m_used) / sd_used; the recipe's z = (x - m_all) / sd1 with MATLAB std (ddof 1),
+    # sd1 = sd_all * sqrt(n / (n - 1)); so z = a * y + b per (session, voxel)
+    sd1 = sd_all * np.sqrt(tpt / (tpt - 1))
+    a = sd_used / sd1
+    b = (m_used - m_all) / sd1
+    a[constant] = np.nan  # a voxel constant within a session has no z-score there
     acc = np.zeros(n_vox)
     n_ok = np.zeros(n_vox)
-    for g0 in range(0, t3.shape[0], 512):
-        tr = t3[g0:g0 + 512].reshape(-1)
-        y = reader.read(file_row[tr]).astype(np.float64)
+    step = 128  # images per block: bounds the float64 temporaries (~3 x 384 x n_vox x 8 bytes)
+    for g0 in range(0, t3.shape[0], step):
+        tr = t3[g0:g0 + step].reshape(-1)
         si = np.array([sess_pos[int(s)] for s in (tr // tpt + 1)])
-        # the release's recipe z-scores with MATLAB std (ddof 1): sd1 = sd0 * sqrt(n / (n - 1))
-        z = (y * sd_used[si] + m_used[si] - m_all[si]) / (sd_all[si] * np.sqrt(tpt / (tpt - 1)))
-        z[constant[si]] = np.nan  # a voxel constant within a session has no z-score there
+        z = reader.read(file_row[tr]).astype(np.float64)
+        z *= a[si]
+        z += b[si]
         var = z.reshape(-1, 3, n_vox).var(axis=1, ddof=1)
+        del z
         ok = np.isfinite(var)
         acc += np.where(ok, var, 0.0).sum(axis=0)
         n_ok += ok.sum(axis=0)
