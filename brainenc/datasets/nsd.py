@@ -290,11 +290,14 @@ class NSDStimuli:
         if ids.min() < 0 or ids.max() >= self.shape[0]:
             raise DataFormatError(f"{self.path}: 73k ids must lie in [0, {self.shape[0] - 1}] (0-based); "
                                   f"found [{ids.min()}, {ids.max()}]")
-        # h5py fancy indexing needs increasing unique indices: read sorted unique, then reorder
+        from brainenc.features.images import read_runs
+
+        # sorted unique ids read as contiguous slices (h5py point selection is ~30x slower
+        # on the one-image-per-chunk brick), then put back in the requested order
         uniq, inverse = np.unique(ids, return_inverse=True)
         try:
             with h5py.File(self.path, "r") as f:
-                block = f[self.key][uniq]
+                block = read_runs(f[self.key], uniq)
         except OSError as exc:
             raise DataFormatError(f"{self.path}: failed to read images ({exc})") from None
         return block[inverse.reshape(-1)]
