@@ -102,6 +102,8 @@ class ReportInputs:
     ground_truth_path : Path, optional
         The simulator's ground-truth file; when it exists the report compares against it
         (:func:`brainenc.report.ground_truth.compare_ground_truth`).
+    model_figures : list of (caption, href)
+        Figures a model made itself (e.g. routing attention maps), hrefs relative to the report folder.
     """
 
     title: str
@@ -116,6 +118,7 @@ class ReportInputs:
     config_text: str = ""
     links: Sequence[tuple[str, str]] = ()
     ground_truth_path: Path | None = None
+    model_figures: Sequence[tuple[str, str]] = ()
 
 
 def _fmt(v: float, digits: int = 3) -> str:
@@ -272,6 +275,10 @@ def build_report(out_dir: str | Path, inputs: ReportInputs, options: ReportOptio
             doc.table(gt["table"][0], gt["table"][1:], numeric=[False] + [True] * (len(gt["table"][0]) - 1))
         for caption, rel in gt["figures"]:
             doc.image(rel, caption)
+    if inputs.model_figures:
+        doc.heading("Interpretation")
+        for caption, href in inputs.model_figures:
+            doc.image(href, caption)
     if figs:
         doc.heading("Figures")
         for caption, p in figs:

@@ -23,7 +23,7 @@ from brainenc._utils.io import atomic_path, save_npy, write_json
 from brainenc._utils.logging import get_logger
 from brainenc.config import to_dict
 
-__all__ = ["FitData", "fit_ridge", "fit_routing", "pool_grid", "save_safetensors", "write_predictions"]
+__all__ = ["FitData", "fit_ridge", "fit_routing", "routing_figures", "pool_grid", "save_safetensors", "write_predictions"]
 
 log = get_logger("workflows")
 
@@ -51,6 +51,8 @@ class FitData:
     roi_names : dict of str -> dict of int -> str
     hemi : array of shape (n_voxels,) or None
         Hemisphere per voxel when the geometry has one (fsaverage).
+    read_images : callable or None
+        ``read_images(rows) -> uint8 [n, H, W, 3]``: the stimuli of dataset rows (for figures).
     """
 
     responses: Any
@@ -62,6 +64,7 @@ class FitData:
     roi_labels: dict = dataclasses.field(default_factory=dict)
     roi_names: dict = dataclasses.field(default_factory=dict)
     hemi: Any = None
+    read_images: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def save_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> Path:
@@ -248,5 +251,44 @@ def fit_routing(ctx, cfg, data: FitData) -> dict:
     n_q = len(enc.query_set_.names) if enc.query_set_ is not None else int(enc.n_voxels_)
     log.info("fit %s: routing encoder (%s queries) on %d train rows in %.1f s, best epoch %s",
              cfg.name, n_q, train.size, fit_s, enc.best_epoch_)
+    figures = []
+    if enc.query_set_ is not None and data.read_images is not None:
+        figures = routing_figures(ctx, cfg.name, enc, tokens, data)
+        files += [rel for _, rel in figures]
     return {"files": files, "n_train": int(train.size), "fit_seconds": round(fit_s, 3),
-            "best_epoch": int(enc.best_epoch_), "n_queries": int(n_q), "resumed": bool(resume)}
+            "best_epoch": int(enc.best_epoch_), "n_queries": int(n_q), "resumed": bool(resume),
+            "figures": figures}
+
+
+def routing_figures(ctx, name: str, enc, tokens: np.ndarray, data: FitData, *, n_images: int = 6,
+                    top_k: int = 6) -> list[tuple[str, str]]:
+    """Interpretation figures of a fitted ROI-query routing encoder, on held-out images.
+
+    Writes ``models/<name>/figures/attention_<query>.png`` (head-mean attention of each query,
+    overlaid on ``n_images`` test stimuli, ROI ``i``'s map labelled with query ``i``'s name) and
+    ``top_images.png`` (per ROI, the test images with the highest mean predicted response).
+
+    Returns
+    -------
+    list of (caption, path relative to the run folder)
+    """
+    from brainenc.report.attention import plot_attention_maps, plot_top_images, roi_mean_responses
+
+    rows = np.asarray(data.splits.get("test", data.splits["train"]))
+    if rows.size == 0:
+        return []
+    fig_dir = ctx.path("models", name, "figures", "x").parent
+    show = rows[:n_images]
+    images = data.read_images(show)
+    attn = enc.attention_maps(tokens[show])  # [n, Q, h, w] head mean
+    names = list(enc.query_names_)
+    paths = plot_attention_maps(images, attn, names, fig_dir, max_images=n_images)
+    out = [(f"{name}: attention of query '{p.stem[len('attention_'):]}' (head mean, test images)", ctx.rel(p))
+           for p in paths]
+    pred = enc.predict(tokens[rows])
+    masks = {k: v for k, v in data.roi_masks.items() if not k.startswith(("nsdgeneral", "streams", "prf-eccrois"))}
+    roi_names, resp = roi_mean_responses(pred, masks)
+    if roi_names:
+        top = plot_top_images(data.read_images(rows), resp, roi_names, fig_dir / "top_images.png", k=top_k)
+        out.insert(0, (f"{name}: test images with the highest predicted response per ROI", ctx.rel(top)))
+    return out

@@ -251,6 +251,17 @@ def _stage_features(spec: PipelineSpec, data_dir: Path):
     return run
 
 
+def _image_reader(ds):
+    """``rows -> uint8 [n, H, W, 3]`` stimuli of dataset rows, or None without a stimulus file."""
+    path = getattr(ds, "stimuli_path", None)
+    if path is None or not Path(path).is_file():
+        return None
+    from brainenc.features import HDF5Images
+
+    source = HDF5Images(path)
+    return lambda rows: source.read(np.asarray(ds.image_ids)[np.asarray(rows)])
+
+
 def _stage_fit(spec: PipelineSpec, data_dir: Path, cfg):
     def run(ctx: StageContext) -> dict:
         ds = _dataset(ctx)
@@ -267,7 +278,8 @@ def _stage_fit(spec: PipelineSpec, data_dir: Path, cfg):
         data = FitData(responses=ds.responses, splits=ds.splits, features=features,
                        grid=tuple(fs.grid) if getattr(fs, "grid", None) else None,
                        n_prefix=int(getattr(fs, "n_prefix", 0)), roi_masks=ds.roi_masks(),
-                       roi_labels=ds.roi_labels, roi_names=ds.roi_names, hemi=ds.geometry.get("hemi"))
+                       roi_labels=ds.roi_labels, roi_names=ds.roi_names, hemi=ds.geometry.get("hemi"),
+                       read_images=_image_reader(ds))
         return FIT_KINDS.get(cfg.kind)["fit"](ctx, cfg, data)
     return run
 
@@ -325,6 +337,7 @@ def _stage_report(spec: PipelineSpec, stage_names: Sequence[str]):
         ev = spec.evaluate
         scores = {}
         predictions = {}
+        figures: list = []
         for cfg in spec.fits:
             sdir = run_dir / "scores" / cfg.name
             scores[cfg.name] = {p.stem: load_npy(p) for p in sorted(sdir.glob("*.npy"))}
@@ -332,6 +345,8 @@ def _stage_report(spec: PipelineSpec, stage_names: Sequence[str]):
             for metric, rel in extras.items():
                 scores[cfg.name][metric] = load_npy(run_dir / rel)
             predictions[cfg.name] = load_npy(run_dir / "predictions" / cfg.name / f"{ev.split}.npy", mmap=True)
+            figures += [(caption, rel) for caption, rel in
+                        ctx.inputs.get(f"fit.{cfg.name}", {}).get("figures", [])]
         rows = ds.splits[ev.split]
         timings = []
         for name in stage_names:
@@ -361,7 +376,8 @@ def _stage_report(spec: PipelineSpec, stage_names: Sequence[str]):
             config_text=json.dumps(spec.resolved(), indent=2, default=str),
             links=[("resolved config", "../config.resolved.json"), ("versions", "../versions.json"),
                    ("run log", "../logs/run.log"), ("score summary", "../scores/summary.json")],
-            ground_truth_path=Path(gt) if gt else None)
+            ground_truth_path=Path(gt) if gt else None,
+            model_figures=[(caption, "../" + rel) for caption, rel in figures])
         res = build_report(ctx.path("report", "index.md").parent, inputs, spec.report)
         return {"files": ["report/" + f for f in res["files"]], "seconds": res["seconds"]}
     return run
