@@ -132,6 +132,15 @@ def test_quickstart_like_pipeline_end_to_end(tmp_path, monkeypatch):
     assert "| ROI | n voxels | noise ceiling | ridge mean r |" in index and "pooled NC-norm" in index
     assert "routing NC-norm" in index and (run_dir / "models" / "routing" / "model.safetensors").is_file()
     assert "Comparison with the simulator's ground truth" in index
+    # routing interpretation: one attention figure per ROI query, each labelled with its own query
+    fig_dir = run_dir / "models" / "routing" / "figures"
+    attn = sorted(fig_dir.glob("attention_*.png"))
+    assert attn and (fig_dir / "top_images.png").stat().st_size > 1000
+    assert "## Interpretation" in index and "../models/routing/figures/attention_" in index
+    from PIL import Image
+
+    for p in attn:
+        assert Image.open(p).info["Title"] == p.stem[len("attention_"):], p
     for fig in ("roi_bars.png", "pred_vs_measured.png", "ridge_nc_norm_slices.png", "ground_truth_nc.png"):
         assert (run_dir / "report" / "figures" / fig).stat().st_size > 1000, fig
 
