@@ -80,28 +80,46 @@ def choose_chunk_size(info: dict) -> int:
 
 
 def _kv_matrix(x: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
-    """[B, H, P, D] -> [H, B*P, D] in the compute dtype (a view when H == 1 and dtype matches)."""
+    """[B, H, P, D] -> [H, B*P, D] in the compute dtype, contiguous."""
     B, H, P, D = x.shape
-    return x.transpose(0, 1).reshape(H, B * P, D).to(cdt)
+    return x.transpose(0, 1).reshape(H, B * P, D).to(cdt).contiguous()
 
 
-def _chunk_operands(q, w, c0, c1, scale, cdt):
-    """Stacked per-chunk left operands [(w, s*q)] -> [2H, n, D] (small copy)."""
-    H = q.shape[0]
-    n = c1 - c0
-    out = torch.empty(2, H, n, q.shape[-1], dtype=cdt, device=q.device)
-    out[0].copy_(w[:, c0:c1])
-    out[1].copy_(q[:, c0:c1]).mul_(scale)  # scale after the cast: no bf16 rounding of s*q
-    return out.view(2 * H, n, q.shape[-1])
+def _linear_fn(device: torch.device, cdt: torch.dtype):
+    """``f(a [n, D], m [N, D]) -> a @ m^T [n, N]`` for the S / Z chunk GEMMs.
+
+    On CPU in float32 this is oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, exact fp32,
+    measured ~20 % faster than MKL's ``mm`` for these reduction-dim-D GEMMs); ``torch.mm`` elsewhere
+    (float64, CUDA, builds without oneDNN).
+    """
+    if device.type == "cpu" and cdt == torch.float32 and _HAS_ONEDNN_LINEAR:
+        lp = torch.ops.mkldnn._linear_pointwise
+        return lambda a, m: lp(a, m, None, "none", [], "")
+    return lambda a, m: torch.mm(a, m.t())
+
+
+def _probe_onednn_linear() -> bool:
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        a, m = torch.randn(3, 5), torch.randn(4, 5)
+        out = torch.ops.mkldnn._linear_pointwise(a, m, None, "none", [], "")
+        return bool(out.shape == (3, 4) and torch.allclose(out, a @ m.t(), rtol=1e-5, atol=1e-5))
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return False
+
+
+_HAS_ONEDNN_LINEAR = _probe_onednn_linear()
 
 
 class _ChunkedRouting(torch.autograd.Function):
     """y[b, v] = sum_h y_h[h, v, b]; see the module docstring for the algorithm.
 
-    Both chunk GEMMs run as one batched ``bmm`` over a stacked [2H] batch: rows 0..H-1 hold
-    Z = w V^T, rows H..2H-1 hold S = (s q) K^T (one buffer, one call, fewer thread barriers).
-    In the backward the same buffer becomes [dS; dZ] in place, so the four gradient GEMMs are
-    again two batched calls: [dS; dZ] @ [K; V] -> [dq/s; dw] and [dS; dZ]^T @ [s q; w] -> [dK; dV].
+    Per chunk and head: S = (s q) K^T and Z = w V^T as two [n, B*P] GEMMs, softmax in place,
+    y_h = rowwise <A, Z> (one batched dot). The backward turns the same two buffers into dZ and dS in
+    place and runs four GEMMs with plain (non-transposed) output layouts: dq = dS (s K),
+    dw = dZ V, and dK^T += (s q)^T dS, dV^T += w^T dZ into [H, D, B*P] accumulators (transposed
+    once at the end: the transposed-output form is ~20 % faster than accumulating dS^T (s q)).
     """
 
     @staticmethod
@@ -110,18 +128,22 @@ class _ChunkedRouting(torch.autograd.Function):
         B, _, P, _ = k.shape
         cdt = compute_dtype(q.dtype)
         scale = D ** -0.5
-        vk_t = torch.cat([_kv_matrix(v, cdt), _kv_matrix(k, cdt)]).transpose(1, 2)  # [2H, D, B*P]
+        lin = _linear_fn(q.device, cdt)
+        kmat, vmat = _kv_matrix(k, cdt), _kv_matrix(v, cdt)
         yh = torch.empty(H, V, B, dtype=cdt, device=q.device)
         C = min(int(chunk_size), V)
-        buf = torch.empty(2 * H * C * B * P, dtype=cdt, device=q.device)
         for c0 in range(0, V, C):
             c1 = min(V, c0 + C)
             n = c1 - c0
-            zs = buf[: 2 * H * n * B * P].view(2 * H, n, B * P)
-            torch.bmm(_chunk_operands(q, w, c0, c1, scale, cdt), vk_t, out=zs)
-            z4, a4 = zs[:H].view(H, n, B, P), zs[H:].view(H, n, B, P)
-            torch.softmax(a4, dim=-1, out=a4)
-            yh[:, c0:c1] = z4.mul_(a4).sum(dim=-1)
+            for h in range(H):
+                qs = q[h, c0:c1].to(cdt).mul(scale)  # scale after the cast: no bf16 rounding of s*q
+                s = lin(qs, kmat[h])  # [n, B*P]
+                a3 = s.view(n * B, P)
+                torch.softmax(a3, dim=-1, out=a3)
+                z = lin(w[h, c0:c1].to(cdt), vmat[h])
+                # y_h[c, b] = <A[c, b, :], Z[c, b, :]> as one batched dot (no [n, B, P] temporary)
+                torch.bmm(z.view(n * B, 1, P), a3.view(n * B, P, 1), out=yh[h, c0:c1].view(n * B, 1, 1))
+                del s, z, a3
         ctx.save_for_backward(q, k, v, w, yh)
         ctx.chunk = C
         y = yh.sum(dim=0) if H > 1 else yh[0]
@@ -136,41 +158,49 @@ class _ChunkedRouting(torch.autograd.Function):
         cdt = yh.dtype
         scale = D ** -0.5
         C = ctx.chunk
+        dev = q.device
+        lin = _linear_fn(dev, cdt)
         kmat, vmat = _kv_matrix(k, cdt), _kv_matrix(v, cdt)
-        vk_t = torch.cat([vmat, kmat]).transpose(1, 2)  # [2H, D, B*P]
-        kv = torch.cat([kmat, vmat])  # [2H, B*P, D]
+        ks = kmat * scale if need_q else None  # dq = dS (s K): no scaling pass over dq
         dyt = dy.t().to(cdt).contiguous()  # [V, B]
-        need_qw, need_kv = need_q or need_w, need_k or need_v
-        dqw = torch.empty(2, H, V, D, dtype=cdt, device=q.device) if need_qw else None  # [dq; dw]
-        dkv = torch.zeros(2 * H, B * P, D, dtype=cdt, device=q.device) if need_kv else None  # [dK; dV]
-        buf = torch.empty(2 * H * C * B * P, dtype=cdt, device=q.device)
+        need_ds = need_q or need_k  # dS (hence the Z recompute) is needed only for dq / dK
+        dq = torch.empty(H, V, D, dtype=cdt, device=dev) if need_q else None
+        dw = torch.empty(H, V, D, dtype=cdt, device=dev) if need_w else None
+        dkt = torch.zeros(H, D, B * P, dtype=cdt, device=dev) if need_k else None  # dK^T
+        dvt = torch.zeros(H, D, B * P, dtype=cdt, device=dev) if need_v else None  # dV^T
         for c0 in range(0, V, C):
             c1 = min(V, c0 + C)
             n = c1 - c0
-            ops = _chunk_operands(q, w, c0, c1, scale, cdt)  # [w; s q]
-            zs = buf[: 2 * H * n * B * P].view(2 * H, n, B * P)
-            torch.bmm(ops, vk_t, out=zs)
-            z4, a4 = zs[:H].view(H, n, B, P), zs[H:].view(H, n, B, P)
-            torch.softmax(a4, dim=-1, out=a4)
-            a4.mul_(dyt[c0:c1].view(1, n, B, 1))  # A -> dZ = dy * A
-            z4.sub_(yh[:, c0:c1].unsqueeze(-1)).mul_(a4)  # Z -> dS = dZ * (Z - y_h)
-            # zs now holds [dS; dZ]
-            if need_qw:
-                g = torch.bmm(zs, kv)  # [dS K; dZ V] = [dq / s; dw]
-                torch.mul(g[:H], scale, out=dqw[0, :, c0:c1])
-                dqw[1, :, c0:c1] = g[H:]
-            if need_kv:
-                # [dS^T (s q); dZ^T w]: the operand stack is [w; s q], so swap its halves
-                dkv.baddbmm_(zs.transpose(1, 2), torch.cat([ops[H:], ops[:H]]))
+            dyc = dyt[c0:c1].view(n, B, 1)
+            for h in range(H):
+                qs = q[h, c0:c1].to(cdt).mul(scale)
+                wc = w[h, c0:c1].to(cdt)
+                a = lin(qs, kmat[h])  # S [n, B*P]
+                a3 = a.view(n, B, P)
+                torch.softmax(a3, dim=-1, out=a3)
+                a3.mul_(dyc)  # A -> dZ = dy * A
+                if need_ds:
+                    z = lin(wc, vmat[h])  # Z
+                    z.view(n, B, P).sub_(yh[h, c0:c1].unsqueeze(-1)).mul_(a3)  # Z -> dS = dZ * (Z - y_h)
+                    if need_q:
+                        torch.mm(z, ks[h], out=dq[h, c0:c1])
+                    if need_k:
+                        dkt[h].addmm_(qs.t(), z)
+                    del z
+                if need_w:
+                    torch.mm(a, vmat[h], out=dw[h, c0:c1])
+                if need_v:
+                    dvt[h].addmm_(wc.t(), a)
+                del a, a3
 
-        def _kv_grad(m, like):
-            return m.view(H, B, P, D).transpose(0, 1).to(like.dtype).contiguous()
+        def _kv_grad(mt, like):  # [H, D, B*P] -> [B, H, P, D]
+            return mt.view(H, D, B, P).permute(2, 0, 3, 1).to(like.dtype).contiguous()
 
         return (
-            dqw[0].to(q.dtype) if need_q else None,
-            _kv_grad(dkv[:H], k) if need_k else None,
-            _kv_grad(dkv[H:], v) if need_v else None,
-            dqw[1].to(w.dtype) if need_w else None,
+            dq.to(q.dtype) if need_q else None,
+            _kv_grad(dkt, k) if need_k else None,
+            _kv_grad(dvt, v) if need_v else None,
+            dw.to(w.dtype) if need_w else None,
             None,
         )
 
