@@ -141,9 +141,11 @@ class _eigh_threads:
             return self
         from threadpoolctl import threadpool_limits
 
+        if self.ops.name == "torch":
+            # read before threadpool_limits: it also caps the OpenMP runtime torch reports
+            self._torch_threads = self.ops.torch.get_num_threads()
         self._limits = threadpool_limits(1)
         if self.ops.name == "torch":
-            self._torch_threads = self.ops.torch.get_num_threads()
             self.ops.torch.set_num_threads(1)
         return self
 

@@ -197,3 +197,20 @@ def test_fit_validation_errors():
     enc.fit(X, Y)
     with pytest.raises(DataFormatError, match="fitted with 30"):
         enc.predict(X[:, :5])
+
+
+def test_torch_backend_keeps_the_thread_count():
+    """The single-threaded eigendecomposition must hand torch its thread count back."""
+    import torch
+
+    from brainenc.encoding import RidgeEncoder
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(0)
+        X, Y = rng.standard_normal((60, 8)), rng.standard_normal((60, 3))
+        RidgeEncoder(alphas=[1.0, 10.0], cv=3, backend="torch").fit(X, Y)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
