@@ -27,6 +27,8 @@ number of prefix tokens (CLS, registers) first, and the patch grid ``(h, w)``.
 """
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 import os
 import re
@@ -81,7 +83,7 @@ class _StopForward(Exception):
     """Raised inside a hook to skip the blocks after the requested layer."""
 
 
-class Backbone:
+class Backbone(abc.ABC):
     """A frozen vision model in eval mode with layer selection by hooks.
 
     Subclasses set :attr:`blocks` (a list of block modules), implement
@@ -226,11 +228,13 @@ class Backbone:
             raise ConfigError(f"{self.name}: the requested layer did not run in the forward pass")
         return captured["out"], emb
 
-    def _forward_full(self, x):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _forward_full(self, x):
+        """Run the whole network on a preprocessed batch (hooks capture intermediate layers)."""
 
-    def _forward_last(self, x, embedding: bool):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _forward_last(self, x, embedding: bool):
+        """Final tokens (and the pooled embedding when ``embedding``) of a preprocessed batch."""
 
     def _raw_to_tokens(self, raw, x, canonical: str):
         """Default conversion: NCHW maps -> ``[n, h*w, c]``; 3-D tensors are taken as NLD."""
