@@ -78,7 +78,7 @@ def optimizer_from_parts(optimizer: torch.optim.Optimizer, tensors: dict[str, to
 def save_checkpoint(root: str | Path, epoch: int, *, model_state: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, rng_tensors: dict[str, torch.Tensor], state: dict[str, Any],
                     keep: int = 1) -> Path:
-    """Write ``root/epoch-XXXX/`` and point ``root/latest.json`` at it; keep the ``keep`` newest.
+    """Write ``root/epoch-NNNN/`` (e.g. ``epoch-0007``) and point ``root/latest.json`` at it; keep the ``keep`` newest.
 
     Returns
     -------
