@@ -162,6 +162,11 @@ class _ChunkedRouting(torch.autograd.Function):
         lin = _linear_fn(dev, cdt)
         kmat, vmat = _kv_matrix(k, cdt), _kv_matrix(v, cdt)
         ks = kmat * scale if need_q else None  # dq = dS (s K): no scaling pass over dq
+        if need_q or need_k:
+            # Z - y_h straight out of the GEMM: [w | y_h] @ [V | -E]^T with E[b*P + p, b] = 1 adds B
+            # columns to the reduction and saves a full elementwise pass over the chunk buffer
+            sel = torch.repeat_interleave(torch.eye(B, dtype=cdt, device=q.device), P, dim=0)  # [B*P, B]
+            vaug = torch.cat([vmat, -sel.expand(H, B * P, B)], dim=-1)  # [H, B*P, D + B]
         dyt = dy.t().to(cdt).contiguous()  # [V, B]
         need_ds = need_q or need_k  # dS (hence the Z recompute) is needed only for dq / dK
         dq = torch.empty(H, V, D, dtype=cdt, device=dev) if need_q else None
@@ -180,8 +185,8 @@ class _ChunkedRouting(torch.autograd.Function):
                 torch.softmax(a3, dim=-1, out=a3)
                 a3.mul_(dyc)  # A -> dZ = dy * A
                 if need_ds:
-                    z = lin(wc, vmat[h])  # Z
-                    z.view(n, B, P).sub_(yh[h, c0:c1].unsqueeze(-1)).mul_(a3)  # Z -> dS = dZ * (Z - y_h)
+                    z = lin(torch.cat([wc, yh[h, c0:c1]], dim=1), vaug[h])  # Z - y_h
+                    z.view(n, B, P).mul_(a3)  # -> dS = dZ * (Z - y_h)
                     if need_q:
                         torch.mm(z, ks[h], out=dq[h, c0:c1])
                     if need_k:
