@@ -1,9 +1,9 @@
 """brainenc.metrics: per-voxel scores as pure numpy functions (no torch import).
 
+The noise ceiling itself comes from the data (``brainenc.datasets.noise_ceiling.noise_ceiling``).
 ``METRICS`` maps the names the CLI and pipeline specs use to ``fn(y_true, y_pred) -> [n_voxels]``.
 """
 from brainenc.metrics.voxelwise import (
-    ncsnr_to_noise_ceiling,
     noise_normalized,
     pearson_r,
     r2_score,
@@ -24,5 +24,4 @@ __all__ = [
     "noise_normalized",
     "roi_aggregate",
     "split_scores",
-    "ncsnr_to_noise_ceiling",
 ]

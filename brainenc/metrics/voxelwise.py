@@ -18,7 +18,6 @@ __all__ = [
     "noise_normalized",
     "roi_aggregate",
     "split_scores",
-    "ncsnr_to_noise_ceiling",
 ]
 
 
@@ -224,27 +223,3 @@ def split_scores(y_true, y_pred, splits: int | Sequence[np.ndarray] = 2, metric:
         parts = [np.asarray(p) for p in splits]
     fn = pearson_r if metric == "r" else r2_score
     return np.stack([np.atleast_1d(fn(yt[p], yp[p])) for p in parts])
-
-
-def ncsnr_to_noise_ceiling(ncsnr, n_repeats: float | np.ndarray = 1) -> np.ndarray:
-    """NSD noise ceiling (fraction of variance) from the noise-ceiling SNR.
-
-    ``NC = ncsnr**2 / (ncsnr**2 + 1 / n)`` where ``n`` is the number of trials averaged per
-    image in the evaluated data (Allen et al. 2022); NSD's ``ncsnr`` files give the SNR and the
-    NSD paper reports ``100 * NC``.
-
-    Parameters
-    ----------
-    ncsnr : array of shape (n_voxels,)
-    n_repeats : float or array broadcastable to (n_voxels,)
-        Trials averaged per test image (e.g. 3 for the full NSD test repeats, 1 for single trials).
-
-    Returns
-    -------
-    noise_ceiling : array of shape (n_voxels,), in [0, 1]
-    """
-    snr2 = np.asarray(ncsnr, dtype=np.float64) ** 2
-    n = np.asarray(n_repeats, dtype=np.float64)
-    if np.any(n <= 0):
-        raise ConfigError("'n_repeats' must be > 0")
-    return snr2 / (snr2 + 1.0 / n)
