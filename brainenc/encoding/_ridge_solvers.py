@@ -441,6 +441,14 @@ def _intercept(P: _Prepared, y_mean: np.ndarray, coef: np.ndarray, fit_intercept
     return (y_mean - P.x_mean @ coef.astype(np.float64)).astype(coef.dtype)
 
 
+def _refit_into(coef: np.ndarray, intercept: np.ndarray, sl: slice, ops, fb: _FullBasis, P: _Prepared, Yb,
+                XtY, alpha_b: np.ndarray, y_mean: np.ndarray, fit_intercept: bool, dtype: str) -> None:
+    """Refit target batch ``sl`` with alphas ``alpha_b`` and store its coefficients and intercepts."""
+    c = ops.to_numpy(_refit_batch(ops, fb, P, Yb, XtY, alpha_b, dtype))
+    coef[:, sl] = c
+    intercept[sl] = _intercept(P, y_mean, c, fit_intercept)
+
+
 # --------------------------------------------------------------------------------------------
 # public solvers
 
@@ -479,9 +487,7 @@ def solve_ridge(X, Y, alpha=1.0, *, fit_intercept: bool = True, backend: str = "
     batch = target_batch_size or default_target_batch_size(P.n, P.p, np.dtype(dtype).itemsize)
     for sl in _batches(n_targets, batch):
         Yb, y_mean = _y_batch(ops, Y, sl, fit_intercept, dtype)
-        c = ops.to_numpy(_refit_batch(ops, fb, P, Yb, None, alpha[sl], dtype))
-        coef[:, sl] = c
-        intercept[sl] = _intercept(P, y_mean, c, fit_intercept)
+        _refit_into(coef, intercept, sl, ops, fb, P, Yb, None, alpha[sl], y_mean, fit_intercept, dtype)
     return coef, intercept
 
 
@@ -550,17 +556,14 @@ def solve_ridge_cv(X, Y, alphas, cv=5, *, fit_intercept: bool = True, scoring: s
         cv_scores[:, sl] = acc / len(folds)
         if refit_now:
             best = alphas[_select(cv_scores[:, sl], alphas, True)]
-            c = ops.to_numpy(_refit_batch(ops, fb, P, Yb, XtY if fb.kind == "primal" else None, best, dtype))
-            coef[:, sl] = c
-            intercept[sl] = _intercept(P, y_mean, c, fit_intercept)
+            _refit_into(coef, intercept, sl, ops, fb, P, Yb, XtY if fb.kind == "primal" else None, best,
+                        y_mean, fit_intercept, dtype)
         del Yb, XtY
     best_alphas = alphas[_select(cv_scores, alphas, alpha_per_target)]
     if return_weights and not refit_now:
         for sl in _batches(n_targets, batch):
             Yb, y_mean = _y_batch(ops, Y, sl, fit_intercept, dtype)
-            c = ops.to_numpy(_refit_batch(ops, fb, P, Yb, None, best_alphas[sl], dtype))
-            coef[:, sl] = c
-            intercept[sl] = _intercept(P, y_mean, c, fit_intercept)
+            _refit_into(coef, intercept, sl, ops, fb, P, Yb, None, best_alphas[sl], y_mean, fit_intercept, dtype)
     return {"coef": coef, "intercept": intercept, "best_alphas": best_alphas, "cv_scores": cv_scores}
 
 
@@ -641,16 +644,12 @@ def solve_ridge_gcv(X, Y, alphas, *, fit_intercept: bool = True, scoring: str = 
             del E
         if return_weights and alpha_per_target:
             best = alphas[_select(cv_scores[:, sl], alphas, True)]
-            c = ops.to_numpy(_refit_batch(ops, fb, P, Yb, XtY, best, dtype))
-            coef[:, sl] = c
-            intercept[sl] = _intercept(P, y_mean, c, fit_intercept)
+            _refit_into(coef, intercept, sl, ops, fb, P, Yb, XtY, best, y_mean, fit_intercept, dtype)
     best_alphas = alphas[_select(cv_scores, alphas, alpha_per_target)]
     if return_weights and not alpha_per_target:
         for sl in _batches(n_targets, batch):
             Yb, y_mean = _y_batch(ops, Y, sl, fit_intercept, dtype)
-            c = ops.to_numpy(_refit_batch(ops, fb, P, Yb, None, best_alphas[sl], dtype))
-            coef[:, sl] = c
-            intercept[sl] = _intercept(P, y_mean, c, fit_intercept)
+            _refit_into(coef, intercept, sl, ops, fb, P, Yb, None, best_alphas[sl], y_mean, fit_intercept, dtype)
     del cast
     return {"coef": coef, "intercept": intercept, "best_alphas": best_alphas, "cv_scores": cv_scores}
 
