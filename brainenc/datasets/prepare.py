@@ -261,7 +261,7 @@ def load_prepared(path: str | Path, cache_hit: bool = False) -> PreparedDataset:
     DataFormatError
         The folder is missing or has no ``COMPLETE`` marker (an interrupted prepare).
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.is_dir():
         raise DataFormatError(f"{p}: prepared dataset folder not found")
     if not (p / COMPLETE).is_file():
@@ -290,7 +290,7 @@ def list_prepared(cache_root: str | Path | None = None, subject: str | None = No
     """Complete prepared folders under ``cache_root`` (default ``<data root>/prepared``), sorted."""
     from brainenc._utils.paths import prepared_root
 
-    root = Path(cache_root) if cache_root is not None else prepared_root()
+    root = Path(cache_root).expanduser() if cache_root is not None else prepared_root()
     if not root.is_dir():
         return []
     want = None if subject is None else check_subject(subject)
@@ -785,10 +785,10 @@ def prepare_subject(nsd_root: str | Path, cfg: PrepareConfig | None = None,
 
     cfg = (cfg or PrepareConfig())
     cfg = dataclasses.replace(cfg).check()
-    root = Path(nsd_root)
+    root = Path(nsd_root).expanduser()
     if not root.is_dir():
         raise DataFormatError(f"{root}: NSD root folder not found (run 'brainenc simulate' or point --nsd-root at the release)")
-    cache_root = Path(cache_root) if cache_root is not None else prepared_root()
+    cache_root = Path(cache_root).expanduser() if cache_root is not None else prepared_root()
     plan = _plan(root, cfg)
     key, idents = _cache_key(plan)
     name = f"{cfg.subject}-{cfg.space}-{cfg.split}-{cfg.repeats}-{key}"

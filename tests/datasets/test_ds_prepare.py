@@ -326,3 +326,12 @@ def test_single_trials_with_dropped_trials(nsd_subject, cache):
     np.testing.assert_array_equal(ds.global_trials, np.nonzero(keep)[0])
     np.testing.assert_allclose(ds.responses, _direct_trials(nsd_subject, idx)[keep], rtol=1e-4, atol=1e-5)
     assert (ds.n_repeats == 1).all() and 0 < ds.splits["test"].size < ds.n_samples
+
+
+def test_prepare_expands_user_paths(tmp_path, monkeypatch):
+    """``~`` in the NSD root and cache root means the home folder, as the README's example uses it."""
+    from brainenc.datasets.prepare import prepare_subject
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DataFormatError, match=str(tmp_path / "no_nsd_here")):
+        prepare_subject("~/no_nsd_here", cache_root="~/prepared")
