@@ -70,6 +70,8 @@ def _child(args) -> dict:
     kw = {"backend": BACKEND[args.impl], "memory_budget": "1T"}
     if args.impl == "chunked" and args.chunk_size:
         kw["chunk_size"] = args.chunk_size
+    if args.impl == "chunked" and args.workers:
+        kw["workers"] = args.workers
 
     def sync():
         if dev.type == "cuda":
@@ -119,6 +121,7 @@ def _child(args) -> dict:
         "first_call_ms": first * 1e3, "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
         "times_ms": [t * 1e3 for t in times], "mem_mb": mem, "mem_after_reps_mb": steady,
         "chunk_size": kw.get("chunk_size"),
+        "workers": (kw.get("workers") or (torch.get_num_threads() if dev.type == "cpu" else 1)) if args.impl == "chunked" else None,
     }
 
 
@@ -163,7 +166,7 @@ def _run_child(args, impl, mode, D, mmap: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", "--device", args.device, "--impl", impl, "--mode", mode,
            "--D", str(D), "--B", str(args.B), "--H", str(args.H), "--V", str(args.V), "--P", str(args.P),
            "--dtype", args.dtype, "--threads", str(args.threads), "--reps", str(reps),
-           "--chunk-size", str(args.chunk_size or 0)]
+           "--chunk-size", str(args.chunk_size or 0), "--workers", str(args.workers or 0)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         return {"impl": impl, "mode": mode, "D": D, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -256,6 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole sequence; keep each row's best round")
     ap.add_argument("--chunk-size", type=int, default=0, help="chunked: voxels per chunk (0 = automatic)")
+    ap.add_argument("--workers", type=int, default=0, help="chunked: CPU chunk streams (0 = automatic: one per thread)")
     ap.add_argument("--no-mmap", action="store_true", help="skip the MALLOC_MMAP_THRESHOLD_ memory runs")
     ap.add_argument("--out", default=None)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
@@ -320,7 +324,8 @@ def main(argv=None) -> int:
         "device": args.device,
         "machine": _machine(args.device, args.threads),
         "config": {"B": args.B, "H": args.H, "V": args.V, "P": args.P, "dims": dims, "dtype": args.dtype,
-                   "reps": args.reps, "rounds": args.rounds, "threads": args.threads, "chunk_size": args.chunk_size or "auto"},
+                   "reps": args.reps, "rounds": args.rounds, "threads": args.threads, "chunk_size": args.chunk_size or "auto",
+                   "workers": args.workers or "auto"},
         "method": ("fresh subprocess per (impl, D, mode); median of reps after one warm-up call; with "
                    "--rounds N the sequence runs N times interleaved and each row keeps its lowest median; "
                    + ("memory = CUDA max_memory_allocated delta of the first call"

@@ -121,6 +121,22 @@ def test_chunk_size_rules():
     routing_attention(*x, chunk_size=8)
 
 
+def test_workers_rules():
+    x = inputs()
+    with pytest.raises(ConfigError, match="'workers' must be a positive integer"):
+        routing_attention(*x, backend="chunked", workers=0)
+    with pytest.raises(ConfigError, match="'workers' applies only to backend 'chunked'"):
+        routing_attention(*x, backend="sdpa", workers=2)
+
+
+def test_chunk_size_shares_voxels_between_workers():
+    one = choose_chunk_size(info(V=600, budget=1 << 40), workers=1)
+    four = choose_chunk_size(info(V=600, budget=1 << 40), workers=4)
+    assert four == 150 and one == 512  # every worker gets a chunk; one stream keeps the cache cap
+    # the budget is shared by the workers' buffers
+    assert choose_chunk_size(info(budget=64 << 20), workers=4) < choose_chunk_size(info(budget=64 << 20), workers=1)
+
+
 def test_chunk_size_follows_memory_budget():
     big = choose_chunk_size(info(budget=1 << 40))
     small = choose_chunk_size(info(budget=16 << 20))

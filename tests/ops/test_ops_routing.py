@@ -111,6 +111,56 @@ def test_chunked_gradcheck():
     assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("chunk_size", [4, 16])
+def test_chunked_parallel_workers_match_reference(workers, chunk_size):
+    # several heads, odd sizes, a ragged last chunk; every worker gets chunks at chunk 4
+    inputs, dy = make_inputs(3, 2, 45, 13, 7, seed=31)
+    _, got = run(inputs, dy, "chunked", chunk_size=chunk_size, workers=workers)
+    assert_close(got, reference64(inputs, dy), 1e-12, f"workers {workers} chunk {chunk_size}")
+
+
+def test_chunked_parallel_gradcheck():
+    (q, k, v, w, c), _ = make_inputs(2, 2, 9, 5, 3, seed=32)
+    xs = [t.clone().requires_grad_() for t in (q, k, v, w, c)]
+
+    def fn(*a):
+        return routing_attention(*a, backend="chunked", chunk_size=2, workers=3)
+
+    assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-7)
+
+
+def test_chunked_parallel_is_deterministic_and_restores_threads():
+    inputs, dy = make_inputs(4, 1, 300, 20, 16, dtype=torch.float32, seed=33)
+    threads = torch.get_num_threads()
+    _, g1 = run(inputs, dy, "chunked", chunk_size=16, workers=2)
+    _, g2 = run(inputs, dy, "chunked", chunk_size=16, workers=2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    assert torch.get_num_threads() == threads
+    # one worker (intra-op threads) agrees to fp32 rounding
+    _, g0 = run(inputs, dy, "chunked", chunk_size=16, workers=1)
+    assert_close(g1, g0, 1e-5, "2 workers vs 1")
+
+
+def test_chunked_parallel_frozen_keys_values():
+    (q, k, v, w, c), dy = make_inputs(2, 1, 40, 9, 5, seed=34)
+    qg, wg = q.clone().requires_grad_(), w.clone().requires_grad_()
+    routing_attention(qg, k, v, wg, backend="chunked", chunk_size=8, workers=2).backward(dy)
+    want = reference64([q, k, v, w, c], dy)
+    torch.testing.assert_close(qg.grad, want[1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(wg.grad, want[4], rtol=0, atol=1e-10)
+
+
+def test_chunked_rejects_double_backward():
+    (q, k, v, w, _), dy = make_inputs(1, 1, 6, 4, 3, seed=35)
+    qg = q.clone().requires_grad_()
+    y = routing_attention(qg, k, v, w, backend="chunked")
+    (g,) = torch.autograd.grad(y, qg, dy, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
 def test_triton_gradcheck_interpreted():
     (q, k, v, w, c), _ = make_inputs(1, 1, 5, 3, 2, seed=8)
     xs = [t.clone().requires_grad_() for t in (q, k, v, w, c)]

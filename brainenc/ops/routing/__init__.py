@@ -26,7 +26,7 @@ import torch
 
 from brainenc.exceptions import ConfigError
 from brainenc.ops._dispatch import OPS, Constraints, register_backend, resolve_memory_budget, select_backend
-from brainenc.ops.routing.chunked import choose_chunk_size, chunked_memory, routing_chunked
+from brainenc.ops.routing.chunked import choose_chunk_size, choose_workers, chunked_memory, routing_chunked
 from brainenc.ops.routing.reference import routing_reference
 from brainenc.ops.routing.sdpa import routing_sdpa, sdpa_memory
 from brainenc.ops.routing.triton_backend import routing_triton, triton_check, triton_memory
@@ -95,19 +95,25 @@ def _check_inputs(q, k, v, w, c) -> tuple[int, int, int, int, int]:
     return B, H, V, P, D
 
 
-def _info(q, k, v, w, c, memory_budget) -> dict:
+def _check_workers(workers):
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers <= 0):
+        raise ConfigError(f"'workers' must be a positive integer; {workers!r} was provided")
+    return workers
+
+
+def _info(q, k, v, w, c, memory_budget, workers=None) -> dict:
     B, H, V, P, D = _check_inputs(q, k, v, w, c)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, w))
     return {"B": B, "H": H, "V": V, "P": P, "D": D, "dtype": q.dtype, "device": q.device,
-            "needs_grad": needs_grad, "budget": resolve_memory_budget(memory_budget)}
+            "needs_grad": needs_grad, "budget": resolve_memory_budget(memory_budget), "workers": workers}
 
 
-def select_routing_backend(q, k, v, w, c=None, *, backend: str = "auto", memory_budget=None) -> str:
+def select_routing_backend(q, k, v, w, c=None, *, backend: str = "auto", memory_budget=None, workers=None) -> str:
     """Name of the backend :func:`routing_attention` would use for these inputs.
 
     Parameters are those of :func:`routing_attention`. Raises the same errors.
     """
-    info = _info(q, k, v, w, c, memory_budget)
+    info = _info(q, k, v, w, c, memory_budget, _check_workers(workers))
     order = AUTO_ORDER.get(info["device"].type, ("chunked",))
     return select_backend(OP, backend, info, order)
 
@@ -122,6 +128,7 @@ def routing_attention(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     memory_budget=None,
+    workers: Optional[int] = None,
 ) -> torch.Tensor:
     """Voxel-query routing attention with a fused per-voxel linear readout.
 
@@ -147,6 +154,10 @@ def routing_attention(
     memory_budget : int or str, optional
         Working-memory budget in bytes (or ``"512M"``, ``"2G"``); default 1 GiB or
         ``BRAINENC_OPS_MEMORY_BUDGET``. Backends whose estimate exceeds it are rejected.
+    workers : int, optional
+        CPU chunk streams for ``backend="chunked"``, each single-threaded with its own buffers
+        (default ``torch.get_num_threads()``; 1 = one stream using torch's intra-op threads).
+        Results are deterministic for a given value. Ignored on CUDA.
 
     Returns
     -------
@@ -170,16 +181,19 @@ def routing_attention(
     >>> routing_attention(q, k, v, w, torch.zeros(100)).shape
     torch.Size([3, 100])
     """
-    info = _info(q, k, v, w, c, memory_budget)
+    info = _info(q, k, v, w, c, memory_budget, _check_workers(workers))
     order = AUTO_ORDER.get(info["device"].type, ("chunked",))
     name = select_backend(OP, backend, info, order)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ConfigError(f"'chunk_size' must be a positive integer; {chunk_size!r} was provided")
-    if chunk_size is not None and backend not in ("auto", "chunked"):
-        raise ConfigError(f"'chunk_size' applies only to backend 'chunked'; backend {backend!r} was requested")
+    for arg, val in (("chunk_size", chunk_size), ("workers", workers)):
+        if val is not None and backend not in ("auto", "chunked"):
+            raise ConfigError(f"'{arg}' applies only to backend 'chunked'; backend {backend!r} was requested")
     kwargs = {}
     if name == "chunked":
-        kwargs["chunk_size"] = choose_chunk_size(info) if chunk_size is None else chunk_size
+        n_workers = choose_workers(info)
+        kwargs["workers"] = n_workers
+        kwargs["chunk_size"] = choose_chunk_size(info, n_workers) if chunk_size is None else chunk_size
     y = OPS.get(f"{OP}/{name}")(q, k, v, w, **kwargs)
     if c is not None:
         y = y + c
@@ -206,7 +220,7 @@ def routing_attention_multi(
     cs : sequence of (torch.Tensor [V_s] or None), optional
         Per-subject biases.
     **kwargs
-        ``backend``, ``chunk_size``, ``memory_budget`` as in :func:`routing_attention`
+        ``backend``, ``chunk_size``, ``memory_budget``, ``workers`` as in :func:`routing_attention`
         (applied to each subject; ``auto`` decides per subject).
 
     Returns
