@@ -44,7 +44,7 @@ def main(argv=None) -> int:
             xs = [t.clone().requires_grad_(mode == "fwdbwd") for t in (q, k, v, w)]
 
             def call(impl):
-                kw = {"backend": impl}
+                kw = {"backend": impl, "memory_budget": "1T"}
                 if impl == "chunked" and args.chunk_size:
                     kw["chunk_size"] = args.chunk_size
                 t0 = time.perf_counter()
