@@ -137,6 +137,22 @@ def test_chunk_size_shares_voxels_between_workers():
     assert choose_chunk_size(info(budget=64 << 20), workers=4) < choose_chunk_size(info(budget=64 << 20), workers=1)
 
 
+def test_workers_follow_threads_voxels_and_budget(monkeypatch):
+    from brainenc.ops.routing import chunked
+
+    monkeypatch.setattr(chunked.torch, "get_num_threads", lambda: 16)
+    assert chunked.choose_workers(info()) == 16  # D=64: 16 workers' buffers fit 1 GiB
+    assert chunked.choose_workers(info(V=200)) == 3  # at least 64 voxels per worker
+    assert chunked.choose_workers(info(device=torch.device("cuda"))) == 1
+    # B=32, D=768 training: each worker's dK/dV accumulators are 50 MB; 1 GiB holds fewer workers
+    big = info(B=32, V=40000, D=768)
+    n = chunked.choose_workers(big)
+    assert 1 < n < 16
+    assert chunked._fixed_bytes(big, n) + n * 64 * chunked._per_voxel_bytes(big) <= big["budget"]
+    assert chunked.choose_workers({**big, "workers": 16}) == 16  # an explicit request is honoured
+    assert chunked.choose_chunk_size(big, n) >= 64
+
+
 def test_chunk_size_follows_memory_budget():
     big = choose_chunk_size(info(budget=1 << 40))
     small = choose_chunk_size(info(budget=16 << 20))

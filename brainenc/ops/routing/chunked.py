@@ -53,16 +53,26 @@ CUDA_CHUNK_ELEMENTS = 1 << 27
 _MIN_CHUNK = 16
 
 
-def choose_workers(info: dict) -> int:
-    """Parallel chunk streams: ``torch.get_num_threads()`` on CPU (1 on CUDA), at most one per chunk.
+#: Smallest chunk a parallel worker is given when the thread count is chosen automatically.
+_MIN_WORKER_CHUNK = 64
 
-    ``info["workers"]`` (if given and not None) overrides the thread count.
+
+def choose_workers(info: dict) -> int:
+    """Parallel chunk streams on CPU (1 on CUDA).
+
+    ``info["workers"]`` if given, else ``torch.get_num_threads()`` lowered until every worker has
+    at least 64 voxels and the workers' buffers and dK/dV accumulators fit the memory budget.
     """
     if info["device"].type != "cpu":
         return 1
     req = info.get("workers")
-    n = torch.get_num_threads() if req is None else int(req)
-    return max(1, min(n, info["V"] // _MIN_CHUNK or 1))
+    if req is not None:
+        return max(1, min(int(req), info["V"]))
+    n = max(1, min(torch.get_num_threads(), info["V"] // _MIN_WORKER_CHUNK))
+    per_voxel = _per_voxel_bytes(info)
+    while n > 1 and _fixed_bytes(info, n) + n * _MIN_WORKER_CHUNK * per_voxel > info["budget"]:
+        n -= 1
+    return n
 
 
 def _cbytes(info: dict) -> int:
