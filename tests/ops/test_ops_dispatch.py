@@ -144,8 +144,8 @@ def test_workers_follow_threads_voxels_and_budget(monkeypatch):
     assert chunked.choose_workers(info()) == 16  # D=64: 16 workers' buffers fit 1 GiB
     assert chunked.choose_workers(info(V=200)) == 3  # at least 64 voxels per worker
     assert chunked.choose_workers(info(device=torch.device("cuda"))) == 1
-    # B=32, D=768 training: each worker's dK/dV accumulators are 50 MB; 1 GiB holds fewer workers
-    big = info(B=32, V=40000, D=768)
+    # B=32, D=768 training: each worker's dK/dV accumulators take 50 MB; 512 MB holds fewer workers
+    big = info(B=32, V=40000, D=768, budget=512 << 20)
     n = chunked.choose_workers(big)
     assert 1 < n < 16
     assert chunked._fixed_bytes(big, n) + n * 64 * chunked._per_voxel_bytes(big) <= big["budget"]
