@@ -151,6 +151,15 @@ def _best_voxels(inputs: ReportInputs, k: int) -> tuple[np.ndarray, list[str]]:
     return idx, labels
 
 
+
+def _map_values(scores: dict, metric: str) -> np.ndarray:
+    """Per-voxel values of one metric as float64; alphas on a log10 scale (as mapped and plotted)."""
+    values = np.asarray(scores[metric], dtype=np.float64)
+    if metric == "alpha":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = np.log10(values)
+    return values
+
 def build_report(out_dir: str | Path, inputs: ReportInputs, options: ReportOptions | None = None) -> dict:
     """Write the report folder.
 
@@ -193,10 +202,7 @@ def build_report(out_dir: str | Path, inputs: ReportInputs, options: ReportOptio
         for metric in opts.maps:
             if metric not in inputs.scores[model]:
                 continue
-            values = np.asarray(inputs.scores[model][metric], dtype=np.float64)
-            if metric == "alpha":
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    values = np.log10(values)
+            values = _map_values(inputs.scores[model], metric)
             map_files.append((f"{model} {MAP_TITLES[metric]}",
                               maps.write_map(values, inputs.geometry, out / "maps", f"{model}_{metric}")))
     for _, ps in map_files:
@@ -214,10 +220,7 @@ def build_report(out_dir: str | Path, inputs: ReportInputs, options: ReportOptio
             metric = opts.map_figure
             if metric not in inputs.scores[model]:
                 continue
-            values = np.asarray(inputs.scores[model][metric], dtype=np.float64)
-            if metric == "alpha":
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    values = np.log10(values)
+            values = _map_values(inputs.scores[model], metric)
             title = f"{model}: {MAP_TITLES[metric]}"
             if volume:
                 vmax = 1.0 if metric == "nc_norm" else None
