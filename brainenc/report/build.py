@@ -151,7 +151,6 @@ def _best_voxels(inputs: ReportInputs, k: int) -> tuple[np.ndarray, list[str]]:
     return idx, labels
 
 
-
 def _map_values(scores: dict, metric: str) -> np.ndarray:
     """Per-voxel values of one metric as float64; alphas on a log10 scale (as mapped and plotted)."""
     values = np.asarray(scores[metric], dtype=np.float64)
@@ -159,6 +158,7 @@ def _map_values(scores: dict, metric: str) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             values = np.log10(values)
     return values
+
 
 def build_report(out_dir: str | Path, inputs: ReportInputs, options: ReportOptions | None = None) -> dict:
     """Write the report folder.
