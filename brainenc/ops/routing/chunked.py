@@ -21,7 +21,7 @@ at the end, so results are deterministic for a given worker count). On a 2-core 
 closer to peak, and one worker's softmax overlaps the other's GEMM instead of waiting at a barrier.
 On CUDA there is one stream of chunks (``workers=1``).
 
-Working memory per worker: one [C, B*P] buffer pair plus a [B, C, D] forward temporary; fixed:
+Working memory per worker: two [C, B*P] buffers (the forward's second one is [B, C, D] when D < P); fixed:
 O(H*V*B) for y_h and, when k/v need gradients, [H, D, B*P] accumulators per worker. Nothing of
 size B*V*P or B*V*D is ever formed. Arithmetic is float32 (float64 for float64 inputs); outputs and
 gradients are cast back to the input dtype.
