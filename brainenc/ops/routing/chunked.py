@@ -44,8 +44,9 @@ __all__ = [
 ]
 
 #: Cache-friendly chunk target on CPU: one [C, B*P] buffer of at most this many elements per worker
-#: (2**21 fp32 = 8 MiB: 512 voxels at B=16, P=256). Measured on the 2-core reference VM with 2 workers
-#: at D=64 (fwd+bwd, same process, vs sdpa): 256 -> 1.22x, 512 -> 1.22x, 1024 -> 1.26x; 128 -> 1.29x.
+#: (2**21 fp32 = 8 MiB: 512 voxels at B=16, P=256). Measured with a prototype of this design on the
+#: 2-core reference VM, 2 workers, D=64 fwd+bwd vs sdpa in one process: 128 -> 1.29x, 256 -> 1.22x,
+#: 512 -> 1.22x, 1024 -> 1.26x.
 CPU_CHUNK_ELEMENTS = 1 << 21
 #: On CUDA bigger chunks mean fewer, larger kernel launches.
 CUDA_CHUNK_ELEMENTS = 1 << 27
@@ -189,8 +190,9 @@ def _map_chunks(fn: Callable, V: int, C: int, workers: int) -> list:
         with torch.no_grad():
             return [fn(starts)]
     threads = torch.get_num_threads()
+    pool = _pool(workers)
     try:
-        futures = [_pool(workers).submit(_single_threaded, fn, starts[i::workers]) for i in range(workers)]
+        futures = [pool.submit(_single_threaded, fn, starts[i::workers]) for i in range(workers)]
         return [f.result() for f in futures]
     finally:
         # torch.set_num_threads also stores a process-wide default (read by threads started later):
@@ -210,8 +212,8 @@ class _ChunkedRouting(torch.autograd.Function):
         lin = _linear_fn(q.device, cdt)
         kmat = _kv_matrix(k, cdt)
         # readout after the attention output (O [B, n, D]) when D < P, readout first (Z [n, B*P]) otherwise:
-        # same GEMM FLOPs, and the smaller temporary wins (D=64 -> O-form; D=768 -> Z-form, measured
-        # ~1.6x faster there in the fresh-process benchmark)
+        # same GEMM FLOPs, and the smaller temporary wins (D=64 -> O-form; D=768 -> Z-form: one
+        # benchmark run with the O-form at D=768 read 6.4 s against 3.9-4.0 s for the Z-form)
         o_form = D < P
         vk = v.to(cdt).transpose(0, 1).contiguous() if o_form else _kv_matrix(v, cdt)  # [H,B,P,D] / [H,B*P,D]
         yh = torch.empty(H, V, B, dtype=cdt, device=q.device)
