@@ -111,22 +111,15 @@ def test_constraint_violation_messages():
     assert Constraints().violation(info()) is None
 
 
-def test_chunk_size_rules():
+@pytest.mark.parametrize("arg, value", [("chunk_size", 8), ("workers", 2)])
+def test_chunked_only_argument_rules(arg, value):
     x = inputs()
-    with pytest.raises(ConfigError, match="'chunk_size' must be a positive integer"):
-        routing_attention(*x, backend="chunked", chunk_size=0)
-    with pytest.raises(ConfigError, match="applies only to backend 'chunked'"):
-        routing_attention(*x, backend="sdpa", chunk_size=8)
-    # auto may pick sdpa; a chunk size is then simply unused
-    routing_attention(*x, chunk_size=8)
-
-
-def test_workers_rules():
-    x = inputs()
-    with pytest.raises(ConfigError, match="'workers' must be a positive integer"):
-        routing_attention(*x, backend="chunked", workers=0)
-    with pytest.raises(ConfigError, match="'workers' applies only to backend 'chunked'"):
-        routing_attention(*x, backend="sdpa", workers=2)
+    with pytest.raises(ConfigError, match=f"'{arg}' must be a positive integer"):
+        routing_attention(*x, backend="chunked", **{arg: 0})
+    with pytest.raises(ConfigError, match=f"'{arg}' applies only to backend 'chunked'"):
+        routing_attention(*x, backend="sdpa", **{arg: value})
+    # auto may pick sdpa; the argument is then simply unused
+    routing_attention(*x, **{arg: value})
 
 
 def test_chunk_size_shares_voxels_between_workers():
