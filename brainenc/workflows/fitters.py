@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from brainenc._utils.io import atomic_path, save_npy, write_json
+from brainenc._utils.io import atomic_path, load_npy, save_npy, write_json
 from brainenc._utils.logging import get_logger
 from brainenc.config import to_dict
 
@@ -285,7 +285,8 @@ def routing_figures(ctx, name: str, enc, tokens: np.ndarray, data: FitData, *, n
     paths = plot_attention_maps(images, attn, names, fig_dir, max_images=n_images)
     out = [(f"{name}: attention of query '{p.stem[len('attention_'):]}' (head mean, test images)", ctx.rel(p))
            for p in paths]
-    pred = enc.predict(tokens[rows])
+    saved = ctx.run_dir / "predictions" / name / "test.npy"  # written by write_predictions just before
+    pred = load_npy(saved) if "test" in data.splits and saved.is_file() else enc.predict(tokens[rows])
     masks = {k: v for k, v in data.roi_masks.items() if not k.startswith(("nsdgeneral", "streams", "prf-eccrois"))}
     roi_names, resp = roi_mean_responses(pred, masks)
     if roi_names:
