@@ -23,9 +23,31 @@ _SUBMODULES = {
     "report",
     "workflows",
     "cli",
+    "estimator",
 }
 
-__all__ = sorted(_SUBMODULES | {"__version__"})
+#: packages whose estimators ``load`` can return (imported on first ``load``)
+_ESTIMATOR_PACKAGES = ("brainenc.encoding",)
+
+__all__ = sorted(_SUBMODULES | {"__version__", "load"})
+
+
+def load(directory, **params):
+    """Load any brainenc estimator saved with ``save_pretrained(directory)``.
+
+    The class is read from ``directory/config.json`` and looked up in the estimator registry;
+    ``params`` override constructor parameters (e.g. ``device="cuda"``).
+
+    Examples
+    --------
+    >>> enc = brainenc.load("runs/quickstart/subj01/models/ridge")  # doctest: +SKIP
+    >>> enc.predict(X)  # doctest: +SKIP
+    """
+    from brainenc.estimator import load_estimator
+
+    for pkg in _ESTIMATOR_PACKAGES:
+        importlib.import_module(pkg)
+    return load_estimator(directory, **params)
 
 
 def __getattr__(name: str):

@@ -7,7 +7,8 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from brainenc._utils.validation import check_option
 from brainenc.encoding._ridge_solvers import SCORINGS, solve_banded_ridge_cv
 from brainenc.encoding.ridge import DEFAULT_ALPHAS, check_xy
-from brainenc.exceptions import ConfigError, DataFormatError, NotFittedError
+from brainenc.estimator import EstimatorMixin, register_estimator
+from brainenc.exceptions import ConfigError, DataFormatError
 
 __all__ = ["BandedRidgeEncoder", "make_band_gammas"]
 
@@ -49,7 +50,8 @@ def make_band_gammas(n_iter: int, n_bands: int, concentration=(0.1, 1.0), random
     return g
 
 
-class BandedRidgeEncoder(RegressorMixin, BaseEstimator):
+@register_estimator("banded_ridge")
+class BandedRidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     """Banded ridge regression over several feature spaces, per-voxel band penalties by CV.
 
     Model per voxel: ``y ≈ Σ_k X_k b_k + c`` with penalty ``Σ_k (α / γ_k) ‖b_k‖²``. The band
@@ -94,6 +96,14 @@ class BandedRidgeEncoder(RegressorMixin, BaseEstimator):
         Best-over-alphas mean validation score per candidate.
     band_sizes_ : tuple of int
     """
+
+    _fitted_arrays = ("coef_", "intercept_", "best_gammas_", "best_alphas_", "band_alphas_", "deltas_", "gammas_",
+                      "cv_scores_")
+    _fitted_meta = ("band_sizes_", "n_features_in_")
+
+    def _restore_fitted(self, arrays, meta):
+        super()._restore_fitted(arrays, meta)
+        self.band_sizes_ = tuple(int(b) for b in self.band_sizes_)
 
     def __init__(self, alphas=None, gammas=None, n_iter: int = 20, concentration=(0.1, 1.0), random_state=0,
                  band_sizes=None, cv=5, fit_intercept: bool = True, scoring: str = "r2", backend: str = "numpy",
@@ -193,8 +203,7 @@ class BandedRidgeEncoder(RegressorMixin, BaseEstimator):
         -------
         Y_pred : ndarray of shape (n_samples, n_voxels)
         """
-        if not hasattr(self, "coef_"):
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X, Y) first")
+        self._check_fitted()
         Xs = self._split_bands(X, self.band_sizes_)
         Xc = np.concatenate([x.astype(self.dtype, copy=False) for x in Xs], axis=1)
         return Xc @ self.coef_ + self.intercept_

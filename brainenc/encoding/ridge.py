@@ -6,7 +6,8 @@ from sklearn.base import BaseEstimator, RegressorMixin
 
 from brainenc._utils.validation import check_array, check_option
 from brainenc.encoding._ridge_solvers import SCORINGS, solve_ridge_cv, solve_ridge_gcv
-from brainenc.exceptions import ConfigError, DataFormatError, NotFittedError
+from brainenc.estimator import EstimatorMixin, register_estimator
+from brainenc.exceptions import ConfigError, DataFormatError
 
 __all__ = ["RidgeEncoder", "DEFAULT_ALPHAS"]
 
@@ -38,7 +39,8 @@ def check_xy(X, Y=None, *, n_features: int | None = None):
     return X, (Y[:, None] if ravel else Y), ravel
 
 
-class RidgeEncoder(RegressorMixin, BaseEstimator):
+@register_estimator("ridge")
+class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     """Voxelwise ridge regression with one penalty per voxel chosen by cross-validation.
 
     Parameters
@@ -91,7 +93,12 @@ class RidgeEncoder(RegressorMixin, BaseEstimator):
     >>> enc = RidgeEncoder(alphas=[0.1, 1, 10], cv=4).fit(X, Y)
     >>> enc.score(X, Y).shape
     (3,)
+    >>> enc.save_pretrained(tmp / "ridge")  # doctest: +SKIP
+    >>> brainenc.load(tmp / "ridge").predict(X)  # doctest: +SKIP
     """
+
+    _fitted_arrays = ("coef_", "intercept_", "best_alphas_", "cv_scores_", "alphas_")
+    _fitted_meta = ("n_features_in_", "solver_")
 
     def __init__(self, alphas=None, cv=5, fit_intercept: bool = True, scoring: str = "r2",
                  alpha_per_target: bool = True, solver: str = "auto", backend: str = "numpy",
@@ -161,10 +168,6 @@ class RidgeEncoder(RegressorMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
         self.solver_ = solver
         return self
-
-    def _check_fitted(self):
-        if not hasattr(self, "coef_"):
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X, Y) first")
 
     def predict(self, X):
         """Predict voxel responses.

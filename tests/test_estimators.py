@@ -1,0 +1,133 @@
+"""The estimator contract, checked over every registered estimator.
+
+Each registered name needs a case below (small fit data + one invalid parameter); a newly
+registered estimator without one fails ``test_every_estimator_has_a_case``.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+import brainenc
+from brainenc.estimator import CONFIG_FILE, ESTIMATORS, WEIGHTS_FILE, to_json_value
+from brainenc.exceptions import BrainencError, DataFormatError, NotFittedError
+
+
+def _ridge_data(rng):
+    X = rng.standard_normal((80, 10))
+    Y = X @ rng.standard_normal((10, 6)) + rng.standard_normal((80, 6))
+    return (X,), Y
+
+
+CASES = {
+    "ridge": dict(make=lambda: brainenc.encoding.RidgeEncoder(alphas=[0.1, 1.0, 10.0], cv=4),
+                  data=_ridge_data, bad={"solver": "bogus"}),
+    "banded_ridge": dict(make=lambda: brainenc.encoding.BandedRidgeEncoder(band_sizes=[4, 6], n_iter=3, cv=3),
+                         data=_ridge_data, bad={"scoring": "bogus"}),
+}
+
+
+def _load_all():
+    import brainenc.encoding  # noqa: F401  (registers the encoding estimators)
+
+    return sorted(ESTIMATORS)
+
+
+def test_every_estimator_has_a_case():
+    missing = [n for n in _load_all() if n not in CASES]
+    assert not missing, f"registered estimators without a contract case: {missing}"
+
+
+def _json_params(est):
+    return to_json_value(est.get_params(deep=False))
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    _load_all()
+    c = CASES[request.param]
+    rng = np.random.default_rng(0)
+    args, Y = c["data"](rng)
+    return request.param, c, args, Y
+
+
+def test_init_stores_params_only(case):
+    name, c, _, _ = case
+    est = c["make"]()
+    assert type(est)._estimator_name == name
+    assert not [a for a in vars(est) if a.endswith("_") and not a.startswith("_")]
+    bad = clone(est).set_params(**c["bad"])  # no validation in __init__ / set_params
+    assert bad.get_params()[next(iter(c["bad"]))] == next(iter(c["bad"].values()))
+
+
+def test_clone_and_set_params(case):
+    _, c, args, Y = case
+    est = c["make"]()
+    cl = clone(est)
+    assert _json_params(cl) == _json_params(est)
+    est.fit(*args, Y)
+    cl2 = clone(est)
+    assert not cl2._is_fitted()
+    key, value = next(iter(est.get_params().items()))
+    assert cl2.set_params(**{key: value}) is cl2
+
+
+def test_fit_validates_and_keeps_params(case):
+    _, c, args, Y = case
+    est = c["make"]()
+    before = _json_params(est)
+    assert est.fit(*args, Y) is est
+    assert _json_params(est) == before  # fit never rewrites a parameter
+    new_public = [a for a in vars(est) if not a.startswith("_") and a not in est.get_params()]
+    assert new_public and all(a.endswith("_") for a in new_public), new_public
+    bad = clone(est).set_params(**c["bad"])
+    with pytest.raises(BrainencError) as info:
+        bad.fit(*args, Y)
+    assert isinstance(info.value, ValueError)  # input errors are ValueErrors too
+    assert next(iter(c["bad"])) in str(info.value)
+
+
+def test_not_fitted(case):
+    _, c, args, _ = case
+    with pytest.raises(NotFittedError):
+        c["make"]().predict(*args)
+    with pytest.raises(NotFittedError):
+        c["make"]().save_pretrained("unused")
+
+
+def test_save_load_round_trip(case, tmp_path):
+    name, c, args, Y = case
+    est = c["make"]().fit(*args, Y)
+    out = est.save_pretrained(tmp_path / "model")
+    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    assert meta["class"] == name and meta["version"] == brainenc.__version__
+    loaded = brainenc.load(out)
+    assert type(loaded) is type(est)
+    assert _json_params(loaded) == _json_params(est)
+    np.testing.assert_array_equal(loaded.predict(*args), est.predict(*args))  # bitwise
+    score = loaded.score(*args, Y)
+    assert score.shape == (Y.shape[1],)
+    # overwriting keeps exactly one model and no temporaries
+    est.save_pretrained(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    np.testing.assert_array_equal(type(est).from_pretrained(out).predict(*args), est.predict(*args))
+
+
+def test_load_errors_name_the_file(case, tmp_path):
+    name, c, args, Y = case
+    out = c["make"]().fit(*args, Y).save_pretrained(tmp_path / "m")
+    other = next(cls for n, cls in ((n, ESTIMATORS.get(n)) for n in ESTIMATORS) if n != name)
+    with pytest.raises(DataFormatError, match=CONFIG_FILE):
+        other.from_pretrained(out)
+    (out / WEIGHTS_FILE).write_bytes(b"\x00" * 12)
+    with pytest.raises(DataFormatError, match=WEIGHTS_FILE):
+        brainenc.load(out)
+    (out / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(DataFormatError, match=CONFIG_FILE):
+        brainenc.load(out)
+    with pytest.raises(DataFormatError, match="not found"):
+        brainenc.load(tmp_path / "nothing")
