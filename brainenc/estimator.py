@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from brainenc import __version__
+from brainenc._version import __version__
 from brainenc._utils.io import read_json, remove_stale_temps, temp_dir_name, write_json
 from brainenc._utils.tensors import load_tensors, save_tensors
 from brainenc.exceptions import ConfigError, DataFormatError, NotFittedError
