@@ -542,7 +542,7 @@ def _versions() -> dict:
     import nibabel
     import scipy
 
-    from brainenc import __version__
+    from brainenc._version import __version__
 
     return {"brainenc": __version__, "format": FORMAT_VERSION, "numpy": np.__version__, "scipy": scipy.__version__,
             "h5py": h5py.__version__, "nibabel": nibabel.__version__, "python": platform.python_version()}

@@ -670,7 +670,7 @@ def simulate_subject(nsd_root: str | Path, cfg: SimulationConfig | None = None,
     man = _check_target(root, cfg, overwrite)
     subj = cfg.subject
     sidx = layout.SUBJECTS.index(subj)
-    from brainenc import __version__
+    from brainenc._version import __version__
 
     # manifest first, flagged incomplete: a crashed run stays recognisably ours
     man = man or {"subjects": {}}
