@@ -29,7 +29,14 @@ _SUBMODULES = {
 #: packages whose estimators ``load`` can return (imported on first ``load``)
 _ESTIMATOR_PACKAGES = ("brainenc.encoding",)
 
-__all__ = sorted(_SUBMODULES | {"__version__", "load"})
+__all__ = sorted(_SUBMODULES | {"__version__", "load", "set_log_level"})
+
+
+def set_log_level(level) -> None:
+    """Set the level of brainenc's log messages (``"DEBUG"``, ``"INFO"``, ``"WARNING"``...)."""
+    from brainenc._utils.logging import set_log_level as _set
+
+    _set(level)
 
 
 def load(directory, **params):

@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quiet:
         os.environ["BRAINENC_QUIET"] = "1"
+    from brainenc._utils.logging import configure_cli_logging
+
+    configure_cli_logging()
     try:
         return COMMANDS[args.command](args)
     except BrainencError as exc:
