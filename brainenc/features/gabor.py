@@ -18,10 +18,10 @@ import math
 
 from brainenc._utils.imports import soft_import
 from brainenc.exceptions import ConfigError
-from brainenc.features.backbones import BACKBONES, Backbone, pop_unknown
+from brainenc.features.backbones import BACKBONES, Backbone, BackbonePlan, WeightsRef, pop_unknown
 from brainenc.features.preprocess import Preprocess
 
-__all__ = ["GaborBackbone", "make_gabor_module"]
+__all__ = ["GaborBackbone", "make_gabor_module", "plan_gabor"]
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -51,16 +51,9 @@ def make_gabor_module(image_size: int = 128, cycles_per_image=(2, 4, 8, 16, 32),
         ``forward(x [n, 3, S, S]) -> [n, n_scales * n_orientations, grid, grid]`` with ``x`` in
         [0, 1] pixel units.
     """
+    cpi = _check_params(image_size, cycles_per_image, n_orientations, grid, compress)
     torch = soft_import("torch", "Gabor features")
     nn = torch.nn
-
-    cpi = tuple(float(c) for c in cycles_per_image)
-    if not cpi or min(cpi) <= 0 or max(cpi) >= image_size / 2:
-        raise ConfigError(f"'cycles_per_image' must lie in (0, image_size/2={image_size / 2}); got {cpi}")
-    if n_orientations < 1 or grid < 1 or grid > image_size:
-        raise ConfigError(f"invalid Gabor parameters: n_orientations={n_orientations}, grid={grid}")
-    if compress not in ("log1p", "none"):
-        raise ConfigError(f"'compress' must be one of {{'log1p', 'none'}}; {compress!r} was provided")
 
     class GaborEnergy(nn.Module):
         def __init__(self):
@@ -105,6 +98,17 @@ def make_gabor_module(image_size: int = 128, cycles_per_image=(2, 4, 8, 16, 32),
     return GaborEnergy()
 
 
+def _check_params(image_size, cycles_per_image, n_orientations, grid, compress) -> tuple[float, ...]:
+    cpi = tuple(float(c) for c in cycles_per_image)
+    if not cpi or min(cpi) <= 0 or max(cpi) >= image_size / 2:
+        raise ConfigError(f"'cycles_per_image' must lie in (0, image_size/2={image_size / 2}); got {cpi}")
+    if n_orientations < 1 or grid < 1 or grid > image_size:
+        raise ConfigError(f"invalid Gabor parameters: n_orientations={n_orientations}, grid={grid}")
+    if compress not in ("log1p", "none"):
+        raise ConfigError(f"'compress' must be one of {{'log1p', 'none'}}; {compress!r} was provided")
+    return cpi
+
+
 class GaborBackbone(Backbone):
     """Gabor-energy pyramid; only layer ``"last"`` (tokens ``[n, grid², n_scales * n_orient]``)."""
 
@@ -118,7 +122,8 @@ class GaborBackbone(Backbone):
         return maps, (maps.mean(dim=(-2, -1)) if embedding else None)
 
 
-def _make_gabor(name: str, pretrained=None, weights=None, image_size=None, seed: int = 0, **params) -> GaborBackbone:
+def plan_gabor(name: str, pretrained=None, weights=None, image_size=None, seed: int = 0, **params) -> BackbonePlan:
+    """The filter bank's config and preprocessing (no torch, nothing built)."""
     if pretrained not in (None, "random", "fixed") or weights is not None:
         raise ConfigError("'gabor' has no weights; leave 'pretrained' and 'weights' unset")
     pop_unknown(params, {"cycles_per_image", "n_orientations", "grid", "bandwidth_octaves", "compress"}, name)
@@ -127,10 +132,18 @@ def _make_gabor(name: str, pretrained=None, weights=None, image_size=None, seed:
            "bandwidth_octaves": 1.0, "compress": "log1p"}
     cfg.update(params)
     cfg["cycles_per_image"] = [float(c) for c in cfg["cycles_per_image"]]
-    module = make_gabor_module(**cfg)
+    _check_params(size, cfg["cycles_per_image"], cfg["n_orientations"], cfg["grid"], cfg["compress"])
     pre = Preprocess(size=(size, size), resize_mode="shortest", crop_pct=1.0, interpolation="bilinear",
                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    return GaborBackbone(name, module, pre, "fixed:gabor-energy-v1", cfg)
+    return BackbonePlan(name, GaborBackbone.family, WeightsRef("fixed", label="fixed:gabor-energy-v1"), versions={},
+                        config=cfg, preprocess=pre, n_blocks=0)
 
 
-BACKBONES.register("gabor", _make_gabor, family="gabor", weights="none (fixed filters)")
+def _make_gabor(name: str, **overrides) -> GaborBackbone:
+    plan = plan_gabor(name, **overrides)
+    module = make_gabor_module(**plan.config)
+    backbone = GaborBackbone(name, module, plan.preprocess, plan.weights.identity(), plan.config)
+    return plan.check_built(backbone)
+
+
+BACKBONES.register("gabor", _make_gabor, family="gabor", weights="none (fixed filters)", plan=plan_gabor)

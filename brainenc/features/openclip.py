@@ -26,15 +26,15 @@ from brainenc.exceptions import ConfigError, DataFormatError, MissingWeightsErro
 from brainenc.features.backbones import (
     BACKBONES,
     Backbone,
+    BackbonePlan,
+    WeightsRef,
     check_weights_path,
     hf_cached_file,
     pop_unknown,
-    random_init_identity,
-    weights_file_identity,
 )
 from brainenc.features.preprocess import Preprocess
 
-__all__ = ["OpenCLIPBackbone", "DEFAULT_TAGS", "find_openclip_weights"]
+__all__ = ["OpenCLIPBackbone", "DEFAULT_TAGS", "find_openclip_weights", "plan_openclip"]
 
 #: default pretrained tag per model name
 DEFAULT_TAGS = {
@@ -176,12 +176,16 @@ def _preprocess_from_cfg(cfg: dict, image_size=None) -> Preprocess:
                       mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), fill=float(cfg.get("fill_color", 0)) / 255.0)
 
 
-def _make_openclip(name: str, pretrained: str | None = None, weights=None, image_size=None, seed: int = 0,
-                   model_cfg: dict | None = None, cache_dir=None, **options) -> OpenCLIPBackbone:
+def plan_openclip(name: str, pretrained: str | None = None, weights=None, image_size=None, seed: int = 0,
+                  model_cfg: dict | None = None, cache_dir=None, **options) -> BackbonePlan:
+    """Tag, weights file and config of an open_clip tower, from open_clip's registry (nothing built).
+
+    The preprocessing and block count come from the built model (``plan.static`` is False): the
+    feature cache keeps them in an identity record after the first build.
+    """
     pop_unknown(options, set(), name)
     arch = name.split(":", 1)[1]
     open_clip = soft_import("open_clip", f"backbone {name!r}", extra="clip")
-    torch = soft_import("torch", f"backbone {name!r}")
     from open_clip.factory import get_model_config
 
     if get_model_config(arch) is None:
@@ -213,16 +217,31 @@ def _make_openclip(name: str, pretrained: str | None = None, weights=None, image
                 f"{name} (tag {tag!r}): weights not on this machine (looked in {'; '.join(looked)}); "
                 f"brainenc never downloads: fetch them where there is network (e.g. huggingface-cli download) "
                 f"or pass weights=<path to the .safetensors/.bin file>")
-    pp_overlay = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
     kwargs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (model_cfg or {}).items()}
     if image_size and "vision_cfg" in kwargs:  # model_cfg would override force_image_size
         kwargs["vision_cfg"]["image_size"] = int(image_size)
-    if random_init:
-        torch.manual_seed(int(seed))
+    config = {"library": f"open_clip=={open_clip.__version__}", "arch": arch, "tag": tag,
+              "quick_gelu": bool(tag_cfg.get("quick_gelu", False)), "model_cfg": kwargs or None,
+              "image_size": image_size}
+    ref = WeightsRef("random", seed=int(seed)) if path is None else WeightsRef("file", path=path)
+    return BackbonePlan(name, OpenCLIPBackbone.family, ref, versions={"open_clip": open_clip.__version__},
+                        config=config, extra={"tag_cfg": tag_cfg, "kwargs": kwargs, "random_init": random_init})
+
+
+def _make_openclip(name: str, cache_dir=None, **overrides) -> OpenCLIPBackbone:
+    plan = plan_openclip(name, cache_dir=cache_dir, **overrides)
+    open_clip = soft_import("open_clip", f"backbone {name!r}", extra="clip")
+    torch = soft_import("torch", f"backbone {name!r}")
+    arch, tag_cfg, kwargs = plan.config["arch"], plan.extra["tag_cfg"], plan.extra["kwargs"]
+    image_size = plan.config["image_size"]
+    pp_overlay = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    if plan.extra["random_init"]:
+        torch.manual_seed(plan.weights.seed)
+    path = plan.weights.path
     model = open_clip.create_model(
         arch,
         pretrained=str(path) if path is not None else None,
-        force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+        force_quick_gelu=plan.config["quick_gelu"],
         force_preprocess_cfg=pp_overlay or None,
         force_image_size=image_size,
         pretrained_text=False,
@@ -233,13 +252,11 @@ def _make_openclip(name: str, pretrained: str | None = None, weights=None, image
     pre_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     del model  # drop the text tower
     pre = _preprocess_from_cfg(pre_cfg, image_size)
-    weights_id = random_init_identity(seed) if path is None else weights_file_identity(path)
-    config = {"library": f"open_clip=={open_clip.__version__}", "arch": arch, "tag": tag,
-              "quick_gelu": bool(tag_cfg.get("quick_gelu", False)), "model_cfg": kwargs or None,
-              "image_size": image_size}
-    return OpenCLIPBackbone(name, visual, pre, weights_id, config)
+    return OpenCLIPBackbone(name, visual, pre, plan.weights.identity(), plan.config)
 
 
-BACKBONES.register("clip:*", _make_openclip, family="open_clip", weights="user-supplied (tag in local cache or path)")
+BACKBONES.register("clip:*", _make_openclip, family="open_clip", weights="user-supplied (tag in local cache or path)",
+                   plan=plan_openclip)
 for _arch in ("ViT-B-32", "ViT-L-14", "ViT-bigG-14"):
-    BACKBONES.register(f"clip:{_arch}", _make_openclip, family="open_clip", default_tag=DEFAULT_TAGS[_arch])
+    BACKBONES.register(f"clip:{_arch}", _make_openclip, family="open_clip", default_tag=DEFAULT_TAGS[_arch],
+                       plan=plan_openclip)

@@ -27,14 +27,14 @@ from brainenc.exceptions import ConfigError, DataFormatError, MissingWeightsErro
 from brainenc.features.backbones import (
     BACKBONES,
     Backbone,
+    BackbonePlan,
+    WeightsRef,
     check_weights_path,
     hf_cached_file,
-    random_init_identity,
-    weights_file_identity,
 )
 from brainenc.features.preprocess import Preprocess
 
-__all__ = ["TimmBackbone", "find_timm_weights"]
+__all__ = ["TimmBackbone", "find_timm_weights", "plan_timm"]
 
 
 def find_timm_weights(pretrained_cfg, cache_dir=None) -> tuple[Path | None, list[str]]:
@@ -105,11 +105,15 @@ class TimmBackbone(Backbone):
         return super()._raw_to_tokens(raw, x, canonical)
 
 
-def _make_timm(name: str, pretrained: str | None = None, weights=None, image_size=None, seed: int = 0,
-               cache_dir=None, **model_kwargs) -> TimmBackbone:
+def plan_timm(name: str, pretrained: str | None = None, weights=None, image_size=None, seed: int = 0,
+              cache_dir=None, **model_kwargs) -> BackbonePlan:
+    """Model name, kwargs and weights file from timm's registry (nothing built).
+
+    The preprocessing, block count and the kwargs the model accepted come from the built model
+    (``plan.static`` is False): the feature cache keeps them in an identity record.
+    """
     arch = name.split(":", 1)[1]
     timm = soft_import("timm", f"backbone {name!r}", extra="timm")
-    torch = soft_import("torch", f"backbone {name!r}")
     base = arch.split(".", 1)[0]
     if not timm.is_model(base):
         import difflib
@@ -123,22 +127,34 @@ def _make_timm(name: str, pretrained: str | None = None, weights=None, image_siz
         kwargs.setdefault("img_size", int(image_size))
     random_init = pretrained == "random" and weights is None
     if random_init:
-        torch.manual_seed(int(seed))
         path = None
+    elif weights is not None:
+        path = check_weights_path(weights, name)
+    else:
+        pcfg = timm.models.get_pretrained_cfg(arch)
+        if pcfg is None:
+            tags = [m for m in timm.list_pretrained(f"{base}*") if m.split(".")[0] == base]
+            raise MissingWeightsError(f"{name}: no pretrained tag {arch!r} in timm (known: {', '.join(tags) or 'none'})")
+        path, looked = find_timm_weights(pcfg, cache_dir)
+        if path is None:
+            raise MissingWeightsError(
+                f"{name}: pretrained weights for {arch!r} not on this machine (looked in {'; '.join(looked)}); "
+                f"brainenc never downloads: fetch them where there is network or pass weights=<path>")
+    ref = WeightsRef("random", seed=int(seed)) if path is None else WeightsRef("file", path=path)
+    return BackbonePlan(name, TimmBackbone.family, ref, versions={"timm": timm.__version__},
+                        extra={"arch": arch, "kwargs": kwargs, "image_size": image_size})
+
+
+def _make_timm(name: str, **overrides) -> TimmBackbone:
+    plan = plan_timm(name, **overrides)
+    timm = soft_import("timm", f"backbone {name!r}", extra="timm")
+    torch = soft_import("torch", f"backbone {name!r}")
+    arch, kwargs, image_size = plan.extra["arch"], dict(plan.extra["kwargs"]), plan.extra["image_size"]
+    path = plan.weights.path
+    if path is None:
+        torch.manual_seed(plan.weights.seed)
         create = dict(pretrained=False)
     else:
-        if weights is not None:
-            path = check_weights_path(weights, name)
-        else:
-            pcfg = timm.models.get_pretrained_cfg(arch)
-            if pcfg is None:
-                tags = [m for m in timm.list_pretrained(f"{base}*") if m.split(".")[0] == base]
-                raise MissingWeightsError(f"{name}: no pretrained tag {arch!r} in timm (known: {', '.join(tags) or 'none'})")
-            path, looked = find_timm_weights(pcfg, cache_dir)
-            if path is None:
-                raise MissingWeightsError(
-                    f"{name}: pretrained weights for {arch!r} not on this machine (looked in {'; '.join(looked)}); "
-                    f"brainenc never downloads: fetch them where there is network or pass weights=<path>")
         create = dict(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     try:
         model = timm.create_model(arch, **create, **kwargs)
@@ -160,12 +176,12 @@ def _make_timm(name: str, pretrained: str | None = None, weights=None, image_siz
                      crop_pct=float(data_cfg.get("crop_pct", 1.0) or 1.0),
                      interpolation=data_cfg.get("interpolation", "bicubic") or "bicubic",
                      mean=tuple(data_cfg["mean"]), std=tuple(data_cfg["std"]))
-    weights_id = random_init_identity(seed) if path is None else weights_file_identity(path)
     config = {"library": f"timm=={timm.__version__}", "arch": arch, "model_kwargs": kwargs or None,
               "image_size": image_size}
-    return TimmBackbone(name, model, pre, weights_id, config)
+    return TimmBackbone(name, model, pre, plan.weights.identity(), config)
 
 
-BACKBONES.register("timm:*", _make_timm, family="timm", weights="user-supplied (HF/torch-hub cache or path)")
-BACKBONES.register("timm:vit_base_patch14_dinov2", _make_timm, family="timm", default_tag="lvd142m")
-BACKBONES.register("timm:vit_large_patch14_dinov2", _make_timm, family="timm", default_tag="lvd142m")
+BACKBONES.register("timm:*", _make_timm, family="timm", weights="user-supplied (HF/torch-hub cache or path)",
+                   plan=plan_timm)
+BACKBONES.register("timm:vit_base_patch14_dinov2", _make_timm, family="timm", default_tag="lvd142m", plan=plan_timm)
+BACKBONES.register("timm:vit_large_patch14_dinov2", _make_timm, family="timm", default_tag="lvd142m", plan=plan_timm)

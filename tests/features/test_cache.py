@@ -64,6 +64,9 @@ def test_every_key_component_misses(tmp_path, tiny_clip_cfg, small_images):
         "pooled": (small_images, ids, _spec(tiny_clip_cfg, layer="blocks.0", pooled="model")),
         "ids": (small_images, np.array([0, 1, 3, 2]), base),
         "pixels": (np.ascontiguousarray(small_images[:, ::-1]), ids, base),
+        "architecture": (small_images, ids, _spec({**tiny_clip_cfg, "vision_cfg": {**tiny_clip_cfg["vision_cfg"],
+                                                                                    "layers": 3}}, layer="blocks.0")),
+        "backbone": (small_images, ids, _spec(tiny_clip_cfg, backbone="clip:ViT-B-16", layer="blocks.0")),
     }
     keys = {ref.key}
     for what, (imgs, vids, spec) in variants.items():
