@@ -10,6 +10,7 @@ from brainenc.metrics.voxelwise import (
     roi_aggregate,
     split_scores,
 )
+from brainenc.metrics.scoreset import NormalizeOptions, ScoreSet, score_predictions
 from brainenc.registry import Registry
 
 METRICS = Registry("metric")
@@ -24,4 +25,7 @@ __all__ = [
     "noise_normalized",
     "roi_aggregate",
     "split_scores",
+    "score_predictions",
+    "ScoreSet",
+    "NormalizeOptions",
 ]
