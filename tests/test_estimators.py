@@ -25,6 +25,9 @@ def _ridge_data(rng):
 CASES = {
     "ridge": dict(make=lambda: brainenc.encoding.RidgeEncoder(alphas=[0.1, 1.0, 10.0], cv=4),
                   data=_ridge_data, bad={"solver": "bogus"}),
+    "ridge_standardized": dict(make=lambda: brainenc.encoding.RidgeEncoder(alphas=[1.0, 100.0], cv=None,
+                                                                           standardize=True),
+                               data=_ridge_data, bad={"dtype": "float16"}, registered="ridge"),
     "banded_ridge": dict(make=lambda: brainenc.encoding.BandedRidgeEncoder(band_sizes=[4, 6], n_iter=3, cv=3),
                          data=_ridge_data, bad={"scoring": "bogus"}),
 }
@@ -37,7 +40,8 @@ def _load_all():
 
 
 def test_every_estimator_has_a_case():
-    missing = [n for n in _load_all() if n not in CASES]
+    covered = {c.get("registered", n) for n, c in CASES.items()}
+    missing = [n for n in _load_all() if n not in covered]
     assert not missing, f"registered estimators without a contract case: {missing}"
 
 
@@ -57,7 +61,7 @@ def case(request):
 def test_init_stores_params_only(case):
     name, c, _, _ = case
     est = c["make"]()
-    assert type(est)._estimator_name == name
+    assert type(est)._estimator_name == c.get("registered", name)
     assert not [a for a in vars(est) if a.endswith("_") and not a.startswith("_")]
     bad = clone(est).set_params(**c["bad"])  # no validation in __init__ / set_params
     assert bad.get_params()[next(iter(c["bad"]))] == next(iter(c["bad"].values()))
@@ -104,7 +108,7 @@ def test_save_load_round_trip(case, tmp_path):
     out = est.save_pretrained(tmp_path / "model")
     assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     meta = json.loads((out / CONFIG_FILE).read_text())
-    assert meta["class"] == name and meta["version"] == brainenc.__version__
+    assert meta["class"] == c.get("registered", name) and meta["version"] == brainenc.__version__
     loaded = brainenc.load(out)
     assert type(loaded) is type(est)
     assert _json_params(loaded) == _json_params(est)
@@ -120,7 +124,7 @@ def test_save_load_round_trip(case, tmp_path):
 def test_load_errors_name_the_file(case, tmp_path):
     name, c, args, Y = case
     out = c["make"]().fit(*args, Y).save_pretrained(tmp_path / "m")
-    other = next(cls for n, cls in ((n, ESTIMATORS.get(n)) for n in ESTIMATORS) if n != name)
+    other = next(ESTIMATORS.get(n) for n in ESTIMATORS if n != c.get("registered", name))
     with pytest.raises(DataFormatError, match=CONFIG_FILE):
         other.from_pretrained(out)
     (out / WEIGHTS_FILE).write_bytes(b"\x00" * 12)
@@ -131,3 +135,18 @@ def test_load_errors_name_the_file(case, tmp_path):
         brainenc.load(out)
     with pytest.raises(DataFormatError, match="not found"):
         brainenc.load(tmp_path / "nothing")
+
+
+def test_ridge_standardize_is_a_zscore_inside_fit():
+    rng = np.random.default_rng(3)
+    X = (rng.standard_normal((60, 5)) * [1, 10, 100, 0.1, 1] + 7).astype(np.float32)
+    X[:, 4] = 2.0  # constant column keeps scale 1
+    Y = rng.standard_normal((60, 3)).astype(np.float32)
+    est = brainenc.encoding.RidgeEncoder(alphas=[1.0, 10.0], cv=3, standardize=True).fit(X[:40], Y[:40])
+    mean, sd = X[:40].mean(0), X[:40].std(0)
+    scale = np.where(sd > 1e-8, sd, 1.0).astype(np.float32)
+    ref = brainenc.encoding.RidgeEncoder(alphas=[1.0, 10.0], cv=3).fit((X[:40] - mean) / scale, Y[:40])
+    np.testing.assert_array_equal(est.feature_mean_, mean)
+    np.testing.assert_array_equal(est.feature_scale_, scale)
+    np.testing.assert_array_equal(est.coef_, ref.coef_)
+    np.testing.assert_array_equal(est.predict(X[40:]), ref.predict((X[40:] - mean) / scale))

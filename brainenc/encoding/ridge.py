@@ -9,7 +9,7 @@ from brainenc.encoding._ridge_solvers import SCORINGS, solve_ridge_cv, solve_rid
 from brainenc.estimator import EstimatorMixin, register_estimator
 from brainenc.exceptions import ConfigError, DataFormatError
 
-__all__ = ["RidgeEncoder", "DEFAULT_ALPHAS"]
+__all__ = ["RidgeEncoder", "DEFAULT_ALPHAS", "fit_standardizer"]
 
 #: Default penalty grid: 9 values from 1e-2 to 1e6 (features on the scale of z-scored units).
 DEFAULT_ALPHAS = np.logspace(-2, 6, 9)
@@ -37,6 +37,20 @@ def check_xy(X, Y=None, *, n_features: int | None = None):
         raise DataFormatError(f"'X' and 'Y' must have the same number of samples; got {X.shape[0]} and {Y.shape[0]}")
     ravel = Y.ndim == 1
     return X, (Y[:, None] if ravel else Y), ravel
+
+
+def fit_standardizer(X: np.ndarray, enabled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and scale of the training rows ``X`` [n, p] (zeros and ones when disabled).
+
+    The scale is the population std (``ddof=0``, as ``sklearn.preprocessing.StandardScaler``);
+    constant features (std <= 1e-8) keep scale 1. Both are computed in ``X``'s float dtype.
+    """
+    dt = X.dtype if X.dtype.kind == "f" else np.float64
+    if not enabled:
+        return np.zeros(X.shape[1], dt), np.ones(X.shape[1], dt)
+    mean = X.mean(axis=0)
+    sd = X.std(axis=0)
+    return mean.astype(dt, copy=False), np.where(sd > 1e-8, sd, 1.0).astype(dt)
 
 
 @register_estimator("ridge")
@@ -70,6 +84,9 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         Voxels per batch (bounds peak memory); None picks a batch with a ~256 MiB working set.
     verbose : bool
         Show a progress bar over voxel batches.
+    standardize : bool
+        Z-score each feature with the training rows' mean and std inside ``fit`` (saved with the
+        model and applied by ``predict``); ``coef_`` then refers to the standardised features.
 
     Attributes
     ----------
@@ -83,6 +100,8 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     n_features_in_ : int
     solver_ : str
         "kfold" or "gcv".
+    feature_mean_, feature_scale_ : ndarray of shape (n_features,)
+        Standardisation fitted on the training rows (zeros and ones when ``standardize=False``).
 
     Examples
     --------
@@ -97,13 +116,14 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     >>> brainenc.load(tmp / "ridge").predict(X)  # doctest: +SKIP
     """
 
-    _fitted_arrays = ("coef_", "intercept_", "best_alphas_", "cv_scores_", "alphas_")
+    _fitted_arrays = ("coef_", "intercept_", "best_alphas_", "cv_scores_", "alphas_", "feature_mean_",
+                      "feature_scale_")
     _fitted_meta = ("n_features_in_", "solver_")
 
     def __init__(self, alphas=None, cv=5, fit_intercept: bool = True, scoring: str = "r2",
                  alpha_per_target: bool = True, solver: str = "auto", backend: str = "numpy",
                  device: str = "cpu", dtype: str = "float32", target_batch_size: int | None = None,
-                 verbose: bool = False):
+                 verbose: bool = False, standardize: bool = False):
         self.alphas = alphas
         self.cv = cv
         self.fit_intercept = fit_intercept
@@ -115,6 +135,7 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         self.dtype = dtype
         self.target_batch_size = target_batch_size
         self.verbose = verbose
+        self.standardize = standardize
 
     def _check_params(self):
         check_option("solver", self.solver, ["auto", "kfold", "gcv"])
@@ -150,6 +171,9 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         """
         solver, alphas = self._check_params()
         X, Y2, ravel = check_xy(X, Y)
+        mean, scale = fit_standardizer(X, self.standardize)
+        if self.standardize:
+            X = (X - mean) / scale
         progress = None
         if self.verbose:
             from brainenc._utils.logging import progress
@@ -167,7 +191,15 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         self.cv_scores_ = res["cv_scores"]
         self.n_features_in_ = X.shape[1]
         self.solver_ = solver
+        self.feature_mean_, self.feature_scale_ = mean, scale
         return self
+
+    def _transform(self, X) -> np.ndarray:
+        """Validated X, standardised with the training statistics when ``standardize``."""
+        X, _, _ = check_xy(X, n_features=self.n_features_in_)
+        if self.standardize:
+            X = (X - self.feature_mean_) / self.feature_scale_
+        return X
 
     def predict(self, X):
         """Predict voxel responses.
@@ -181,8 +213,7 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         Y_pred : ndarray of shape (n_samples, n_voxels) (or (n_samples,) if fitted on 1-D Y)
         """
         self._check_fitted()
-        X, _, _ = check_xy(X, n_features=self.n_features_in_)
-        return X.astype(self.dtype, copy=False) @ self.coef_ + self.intercept_
+        return self._transform(X).astype(self.dtype, copy=False) @ self.coef_ + self.intercept_
 
     def score(self, X, Y, sample_weight=None):
         """Per-voxel coefficient of determination R² of the predictions.
