@@ -12,6 +12,7 @@ from brainenc.features.backbones import BACKBONES, Backbone, BackboneOutput, cre
 from brainenc.features.cache import FeatureSet, load_feature_set
 from brainenc.features.extract import FeatureSpec, extract_features
 from brainenc.features.images import ArrayImages, HDF5Images, ImageSource
+from brainenc.features.pooling import pool_grid
 from brainenc.features.preprocess import Preprocess
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "HDF5Images",
     "ImageSource",
     "Preprocess",
+    "pool_grid",
 ]
