@@ -23,7 +23,7 @@ from brainenc.config import from_dict, to_dict
 from brainenc.exceptions import ConfigError, DataFormatError, NotFittedError
 from brainenc.models import QuerySet, RoutingEncoderModel, RoutingModelConfig, build_query_set
 from brainenc.models.queries import COMBINE_RULES, QUERY_KINDS
-from brainenc.training import TrainConfig, Trainer, load_tensors, save_tensors, seed_everything
+from brainenc.training import TrainConfig, Trainer, VoxelRegression, load_tensors, save_tensors, seed_everything
 from brainenc.training.data import RowSubset
 
 __all__ = ["RoutingEncoderConfig", "RoutingEncoder"]
@@ -192,7 +192,7 @@ class RoutingEncoder:
             if np.shape(Xv)[1:] != (t, d) or Yv.shape != (len(Xv), V):
                 raise DataFormatError(f"validation_data shapes {np.shape(Xv)}, {Yv.shape} do not match "
                                       f"tokens [*, {t}, {d}] / Y [*, {V}]")
-            Xt, Yt, val = tokens, Y, (Xv, Yv)
+            Xt, Yt, val = tokens, Y, {"x": Xv, "y": Yv}
             self.train_index_, self.val_index_ = np.arange(n), None
         else:
             frac = c.val_fraction if val_fraction is None else float(val_fraction)
@@ -204,14 +204,14 @@ class RoutingEncoder:
             self.train_index_, self.val_index_ = ti, (vi if n_val else None)
             # lazy row views: a memmap of cached tokens is not copied into memory
             Xt, Yt = RowSubset(tokens, ti), Y[ti]
-            val = (RowSubset(tokens, vi), Y[vi]) if n_val >= 2 else None
+            val = {"x": RowSubset(tokens, vi), "y": Y[vi]} if n_val >= 2 else None
         self.grid_ = (int(grid[0]), int(grid[1]))
         self.n_voxels_, self.n_features_, self.n_tokens_ = V, int(d), int(t)
         self.query_set_ = self._query_set(V)
         seed_everything(c.train.seed)  # model init is part of the seeded run
         self.model_ = RoutingEncoderModel(c.model_config(d, self.grid_, V), self.query_set_)
-        trainer = Trainer(self.model_, c.train, run_dir=run_dir)
-        res = trainer.fit(Xt, Yt, val, resume=resume)
+        trainer = Trainer(self.model_, c.train, objective=VoxelRegression(), run_dir=run_dir)
+        res = trainer.fit({"x": Xt, "y": Yt}, val=val, resume=resume)
         self.model_.eval()
         self.history_ = res.history
         self.best_epoch_ = res.best_epoch

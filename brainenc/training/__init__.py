@@ -1,5 +1,5 @@
-"""brainenc.training: Trainer (fit / validate / checkpoint / resume, DDP via torchrun), losses,
-torch data bridge, seeding, ensembling."""
+"""brainenc.training: Trainer (fit / validate / checkpoint / resume, DDP via torchrun) with pluggable
+objectives, optimisers and schedules by name, losses, torch data bridge, seeding, ensembling."""
 from brainenc.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -9,10 +9,19 @@ from brainenc.training.checkpoint import (
     save_checkpoint,
     save_tensors,
 )
-from brainenc.training.data import ArrayDataset, GlobalBatchSampler, RowSubset, make_loader
+from brainenc.training.data import (
+    ArrayDataset,
+    DictDataset,
+    GlobalBatchSampler,
+    RowSubset,
+    make_dict_loader,
+    make_loader,
+)
 from brainenc.training.ddp import cleanup_distributed, distributed_info, init_distributed
 from brainenc.training.ensemble import SoftmaxEnsemble, mix_predictions, softmax_weights
 from brainenc.training.losses import mse_sum, pearson_r_torch
+from brainenc.training.objectives import LossSum, MaskedReconstruction, Objective, Validation, VoxelRegression
+from brainenc.training.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 from brainenc.training.seed import capture_rng_state, restore_rng_state, seed_everything
 from brainenc.training.trainer import TrainConfig, Trainer, TrainResult
 
@@ -20,10 +29,21 @@ __all__ = [
     "Trainer",
     "TrainConfig",
     "TrainResult",
+    "Objective",
+    "LossSum",
+    "Validation",
+    "VoxelRegression",
+    "MaskedReconstruction",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "build_optimizer",
+    "build_scheduler",
     "ArrayDataset",
+    "DictDataset",
     "RowSubset",
     "GlobalBatchSampler",
     "make_loader",
+    "make_dict_loader",
     "init_distributed",
     "cleanup_distributed",
     "distributed_info",

@@ -1,15 +1,37 @@
 """Torch data bridge: numpy arrays (memmaps welcome) -> batches, with a seeded global batch order
 that is identical for one process and for N DDP processes (each rank takes a contiguous shard of
-every global batch)."""
+every global batch).
+
+Two views of the same machinery:
+
+- :class:`DictDataset` / :func:`make_dict_loader`: named arrays ``{"x": tokens, "y": Y, ...}`` ->
+  batches ``{"x": Tensor [b, ...], "y": Tensor [b, ...], "index": int64 [b]}`` (what the
+  :class:`~brainenc.training.Trainer` and its objectives consume);
+- :class:`ArrayDataset` / :func:`make_loader`: ``(X, Y)`` -> tuples ``(x, y)`` (or ``(x,)``).
+"""
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["ArrayDataset", "RowSubset", "GlobalBatchSampler", "make_loader"]
+from brainenc.exceptions import DataFormatError
+
+__all__ = ["ArrayDataset", "DictDataset", "RowSubset", "GlobalBatchSampler", "make_loader", "make_dict_loader",
+           "INDEX_KEY"]
+
+#: Key of the dataset row indices [b] (int64) that :class:`DictDataset` adds to every batch.
+INDEX_KEY = "index"
+
+
+def _sorted_read(array, idx: np.ndarray, dtype=None) -> np.ndarray:
+    """``array[idx]`` read in increasing row order (fast on memmaps), returned in ``idx`` order."""
+    order = np.argsort(idx, kind="stable")
+    inv = np.empty_like(order)
+    inv[order] = np.arange(order.size)
+    return np.asarray(array[idx[order]], dtype=dtype)[inv]
 
 
 class RowSubset:
@@ -36,10 +58,7 @@ class RowSubset:
         rows = self.index[idx]
         if np.ndim(rows) == 0:
             return self.array[int(rows)]
-        order = np.argsort(rows, kind="stable")  # sorted reads on memmaps
-        inv = np.empty_like(order)
-        inv[order] = np.arange(order.size)
-        return np.asarray(self.array[rows[order]])[inv]
+        return _sorted_read(self.array, rows)
 
 
 class ArrayDataset(Dataset):
@@ -65,14 +84,70 @@ class ArrayDataset(Dataset):
 
     def __getitems__(self, idx: Sequence[int]):
         idx = np.asarray(idx, dtype=np.int64)
-        order = np.argsort(idx, kind="stable")  # sorted reads are fast on memmaps; restore order after
-        inv = np.empty_like(order)
-        inv[order] = np.arange(order.size)
-        x = torch.from_numpy(np.asarray(self.X[idx[order]], dtype=np.float32)[inv])
+        x = torch.from_numpy(_sorted_read(self.X, idx, np.float32))
         if self.Y is None:
             return (x,)
-        y = torch.from_numpy(np.asarray(self.Y[idx[order]], dtype=np.float32)[inv])
-        return x, y
+        return x, torch.from_numpy(_sorted_read(self.Y, idx, np.float32))
+
+
+def _batch_dtype(dtype: np.dtype):
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        return np.float32
+    if kind in "iu":
+        return np.int64
+    if kind == "b":
+        return np.bool_
+    raise DataFormatError(f"arrays must be floating, integer or boolean; got dtype {dtype}")
+
+
+class DictDataset(Dataset):
+    """Rows of several named arrays of equal length; a batch is one fancy-index read per array.
+
+    Parameters
+    ----------
+    arrays : mapping name -> array [n, ...]
+        numpy arrays, memmaps or :class:`RowSubset` views (rows are read lazily per batch, never
+        copied whole). Floating arrays come out as float32, integer arrays as int64, boolean as bool.
+    name : str
+        Used in error messages (e.g. ``"train"``).
+
+    Notes
+    -----
+    Every batch also carries ``"index"`` (:data:`INDEX_KEY`): int64 [b], the dataset rows of the
+    batch, so objectives can derive per-sample randomness (masks) from the row alone — independent
+    of batch composition, world size and resume.
+    """
+
+    def __init__(self, arrays: Mapping[str, Any], name: str = "data"):
+        if not isinstance(arrays, Mapping) or not arrays:
+            raise DataFormatError(f"'{name}' must be a non-empty mapping of name -> array [n, ...]")
+        if INDEX_KEY in arrays:
+            raise DataFormatError(f"'{name}' must not contain the key {INDEX_KEY!r} (reserved for row indices)")
+        # numpy arrays / memmaps / RowSubset views stay lazy; anything else (lists, CPU tensors) -> ndarray
+        self.arrays = {str(k): (v if isinstance(getattr(v, "dtype", None), np.dtype) and hasattr(v, "shape")
+                                else np.asarray(v)) for k, v in arrays.items()}
+        lengths = {k: len(v) for k, v in self.arrays.items()}
+        if len(set(lengths.values())) > 1:
+            rows = ", ".join(f"{k} has {n}" for k, n in lengths.items())
+            raise DataFormatError(f"'{name}' arrays differ in length: {rows} rows")
+        for k, v in self.arrays.items():
+            if len(np.shape(v)) < 1:
+                raise DataFormatError(f"'{name}[{k!r}]' must be an array [n, ...]; got a scalar")
+        self._dtypes = {k: _batch_dtype(v.dtype) for k, v in self.arrays.items()}
+        self.n = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+    def __getitems__(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(idx, dtype=np.int64)
+        out = {k: torch.from_numpy(_sorted_read(v, idx, self._dtypes[k])) for k, v in self.arrays.items()}
+        out[INDEX_KEY] = torch.from_numpy(idx.copy())
+        return out
 
 
 class GlobalBatchSampler(Sampler):
@@ -118,13 +193,48 @@ def _first(batch):
     return batch
 
 
+def _loader(dataset: Dataset, *, batch_size: int, generator: torch.Generator | None, rank: int, world: int,
+            num_workers: int) -> tuple[DataLoader, GlobalBatchSampler]:
+    # note: iterating a DataLoader draws one number from ``generator`` (from torch's global
+    # generator when None) for its worker seed: once per epoch, part of the checkpointed RNG stream
+    sampler = GlobalBatchSampler(len(dataset), batch_size, generator, rank, world)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_first, num_workers=num_workers,
+                        generator=generator)
+    return loader, sampler
+
+
 def make_loader(X, Y=None, *, batch_size: int, generator: torch.Generator | None = None, rank: int = 0,
                 world: int = 1, num_workers: int = 0) -> tuple[DataLoader, GlobalBatchSampler]:
     """DataLoader over :class:`ArrayDataset` with a :class:`GlobalBatchSampler`.
 
     Each item the loader yields is ``(x [b, ...], y [b, V])`` (or ``(x,)``), ``b`` = this rank's shard.
     """
-    sampler = GlobalBatchSampler(len(X), batch_size, generator, rank, world)
-    loader = DataLoader(ArrayDataset(X, Y), batch_sampler=sampler, collate_fn=_first, num_workers=num_workers,
-                        generator=generator)
-    return loader, sampler
+    return _loader(ArrayDataset(X, Y), batch_size=batch_size, generator=generator, rank=rank, world=world,
+                   num_workers=num_workers)
+
+
+def make_dict_loader(data: Mapping[str, Any] | DictDataset, *, batch_size: int,
+                     generator: torch.Generator | None = None, rank: int = 0, world: int = 1,
+                     num_workers: int = 0, name: str = "data") -> tuple[DataLoader, GlobalBatchSampler]:
+    """DataLoader over :class:`DictDataset` with a :class:`GlobalBatchSampler`.
+
+    Parameters
+    ----------
+    data : mapping name -> array [n, ...], or DictDataset
+    batch_size : int
+        Global batch size (rank ``r`` of ``world`` gets its contiguous shard of each global batch).
+    generator : torch.Generator, optional
+        Data order; None = rows in order (evaluation).
+    rank, world, num_workers : int
+    name : str
+        For error messages.
+
+    Returns
+    -------
+    loader : DataLoader
+        Yields dicts ``{name: Tensor [b, ...], "index": int64 [b]}``, ``b`` = this rank's shard.
+    sampler : GlobalBatchSampler
+        ``sampler.last_global_sizes[step]`` is the global size of batch ``step`` of the current epoch.
+    """
+    ds = data if isinstance(data, DictDataset) else DictDataset(data, name)
+    return _loader(ds, batch_size=batch_size, generator=generator, rank=rank, world=world, num_workers=num_workers)
