@@ -1,7 +1,8 @@
 """The estimator contract, checked over every registered estimator.
 
-Each registered name needs a case below (small fit data + one invalid parameter); a newly
-registered estimator without one fails ``test_every_estimator_has_a_case``.
+Each registered name needs a case below (small fit data + one invalid parameter, optionally
+data-dependent ``fit`` keywords); a newly registered estimator without one fails
+``test_every_estimator_has_a_case``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ def _ridge_data(rng):
     return (X,), Y
 
 
+def _routing_data(rng):
+    tokens = rng.standard_normal((40, 16, 6)).astype(np.float32)  # 4x4 grid of 6-d tokens
+    Y = (tokens[:, 5, :5] + 0.5 * rng.standard_normal((40, 5))).astype(np.float32)
+    return (tokens,), Y
+
+
+#: 2 ROIs (+ unknown) over 5 voxels, passed to fit: sizes and labels come from the data
+_ROUTING_FIT = {"roi_labels": {"rois": np.array([1, 1, 2, 0, 2], np.int32)}, "roi_names": {"rois": {1: "A", 2: "B"}}}
+
 CASES = {
     "ridge": dict(make=lambda: brainenc.encoding.RidgeEncoder(alphas=[0.1, 1.0, 10.0], cv=4),
                   data=_ridge_data, bad={"solver": "bogus"}),
@@ -30,6 +40,10 @@ CASES = {
                                data=_ridge_data, bad={"dtype": "float16"}, registered="ridge"),
     "banded_ridge": dict(make=lambda: brainenc.encoding.BandedRidgeEncoder(band_sizes=[4, 6], n_iter=3, cv=3),
                          data=_ridge_data, bad={"scoring": "bogus"}),
+    "routing": dict(make=lambda: brainenc.encoding.RoutingEncoder(
+        queries="rois", model={"d_model": 8, "n_heads": 2, "d_ffn": 16},
+        train={"epochs": 2, "batch_size": 8, "device": "cpu"}, val_fraction=0.2),
+        data=_routing_data, fit=_ROUTING_FIT, bad={"queries": "bogus"}),
 }
 
 
@@ -55,11 +69,11 @@ def case(request):
     c = CASES[request.param]
     rng = np.random.default_rng(0)
     args, Y = c["data"](rng)
-    return request.param, c, args, Y
+    return request.param, c, args, Y, c.get("fit", {})
 
 
 def test_init_stores_params_only(case):
-    name, c, _, _ = case
+    name, c, _, _, _ = case
     est = c["make"]()
     assert type(est)._estimator_name == c.get("registered", name)
     assert not [a for a in vars(est) if a.endswith("_") and not a.startswith("_")]
@@ -68,11 +82,11 @@ def test_init_stores_params_only(case):
 
 
 def test_clone_and_set_params(case):
-    _, c, args, Y = case
+    _, c, args, Y, kw = case
     est = c["make"]()
     cl = clone(est)
     assert _json_params(cl) == _json_params(est)
-    est.fit(*args, Y)
+    est.fit(*args, Y, **kw)
     cl2 = clone(est)
     assert not cl2._is_fitted()
     key, value = next(iter(est.get_params().items()))
@@ -80,22 +94,22 @@ def test_clone_and_set_params(case):
 
 
 def test_fit_validates_and_keeps_params(case):
-    _, c, args, Y = case
+    _, c, args, Y, kw = case
     est = c["make"]()
     before = _json_params(est)
-    assert est.fit(*args, Y) is est
+    assert est.fit(*args, Y, **kw) is est
     assert _json_params(est) == before  # fit never rewrites a parameter
     new_public = [a for a in vars(est) if not a.startswith("_") and a not in est.get_params()]
     assert new_public and all(a.endswith("_") for a in new_public), new_public
     bad = clone(est).set_params(**c["bad"])
     with pytest.raises(BrainencError) as info:
-        bad.fit(*args, Y)
+        bad.fit(*args, Y, **kw)
     assert isinstance(info.value, ValueError)  # input errors are ValueErrors too
     assert next(iter(c["bad"])) in str(info.value)
 
 
 def test_not_fitted(case):
-    _, c, args, _ = case
+    _, c, args, _, _ = case
     with pytest.raises(NotFittedError):
         c["make"]().predict(*args)
     with pytest.raises(NotFittedError):
@@ -103,13 +117,13 @@ def test_not_fitted(case):
 
 
 def test_save_load_round_trip(case, tmp_path):
-    name, c, args, Y = case
-    est = c["make"]().fit(*args, Y)
+    name, c, args, Y, kw = case
+    est = c["make"]().fit(*args, Y, **kw)
     out = est.save_pretrained(tmp_path / "model")
     assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     meta = json.loads((out / CONFIG_FILE).read_text())
     assert meta["class"] == c.get("registered", name) and meta["version"] == brainenc.__version__
-    loaded = brainenc.load(out)
+    loaded = brainenc.load(out)  # predicts without the fit-time data keywords
     assert type(loaded) is type(est)
     assert _json_params(loaded) == _json_params(est)
     np.testing.assert_array_equal(loaded.predict(*args), est.predict(*args))  # bitwise
@@ -122,8 +136,8 @@ def test_save_load_round_trip(case, tmp_path):
 
 
 def test_load_errors_name_the_file(case, tmp_path):
-    name, c, args, Y = case
-    out = c["make"]().fit(*args, Y).save_pretrained(tmp_path / "m")
+    name, c, args, Y, kw = case
+    out = c["make"]().fit(*args, Y, **kw).save_pretrained(tmp_path / "m")
     other = next(ESTIMATORS.get(n) for n in ESTIMATORS if n != c.get("registered", name))
     with pytest.raises(DataFormatError, match=CONFIG_FILE):
         other.from_pretrained(out)

@@ -5,17 +5,18 @@
 - :class:`RoutingEncoder`: transformer brain encoder with attention routing (ROI or voxel queries).
 
 ``score`` of every estimator returns one value per voxel, shape ``(n_voxels,)``.
-The routing encoder (torch) is imported lazily.
+Importing this package registers every estimator (for ``brainenc.load``) without importing torch:
+the routing encoder imports it when it is fitted or loaded.
 """
 from brainenc.encoding._ridge_solvers import solve_banded_ridge_cv, solve_ridge, solve_ridge_cv, solve_ridge_gcv
 from brainenc.encoding.banded import BandedRidgeEncoder, make_band_gammas
 from brainenc.encoding.ridge import DEFAULT_ALPHAS, RidgeEncoder
+from brainenc.encoding.routing import RoutingEncoder
 
 __all__ = [
     "RidgeEncoder",
     "BandedRidgeEncoder",
     "RoutingEncoder",
-    "RoutingEncoderConfig",
     "DEFAULT_ALPHAS",
     "make_band_gammas",
     "solve_ridge",
@@ -24,10 +25,3 @@ __all__ = [
     "solve_banded_ridge_cv",
 ]
 
-
-def __getattr__(name):
-    if name in ("RoutingEncoder", "RoutingEncoderConfig"):
-        from brainenc.encoding import routing
-
-        return getattr(routing, name)
-    raise AttributeError(f"module 'brainenc.encoding' has no attribute {name!r}")

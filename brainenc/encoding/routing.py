@@ -1,158 +1,221 @@
 """User-facing estimator for the transformer brain encoder with attention routing.
 
->>> enc = RoutingEncoder({"queries": "rois", "train": {"epochs": 15}}, roi_labels=ds.roi_labels,
-...                      roi_names=ds.roi_names, hemi=ds.geometry.get("hemi"))    # doctest: +SKIP
->>> enc.fit(tokens_train, Y_train, grid=(16, 16))                                   # doctest: +SKIP
->>> r = enc.score(tokens_test, Y_test, metric="r")      # [n_voxels]                  doctest: +SKIP
->>> enc.save_pretrained("run/routing"); RoutingEncoder.from_pretrained("run/routing")  # doctest: +SKIP
+>>> enc = RoutingEncoder(queries="rois", model={"d_model": 64, "n_heads": 4}, train={"epochs": 15})  # doctest: +SKIP
+>>> enc.fit(tokens_train, Y_train, grid=(16, 16), roi_labels=ds.roi_labels, roi_names=ds.roi_names,
+...         hemi=ds.geometry.get("hemi"))                                    # doctest: +SKIP
+>>> r = enc.score(tokens_test, Y_test, metric="r")      # [n_voxels]           doctest: +SKIP
+>>> enc.save_pretrained("run/routing"); brainenc.load("run/routing")       # doctest: +SKIP
+
+The hyper-parameters are the constructor's (sklearn style); the architecture is one nested
+table (``model``: :class:`brainenc.models.RoutingArchitecture` fields) and the optimisation another
+(``train``: :class:`brainenc.training.TrainConfig` fields). Everything that comes from the data (token
+width, patch grid, voxel count, ROI labels/names, hemispheres, clusters) is an argument of ``fit``;
+a fitted encoder keeps its query set, so a loaded one predicts without them.
+
+Importing this module does not import torch (``brainenc.load`` finds the class through the
+estimator registry); torch is imported when an encoder is fitted or loaded.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
+from sklearn.base import BaseEstimator, RegressorMixin
 
-from brainenc._utils.io import read_json, write_json
 from brainenc._utils.validation import check_array, check_option
 from brainenc.config import from_dict, to_dict
-from brainenc.exceptions import ConfigError, DataFormatError, NotFittedError
-from brainenc.models import QuerySet, RoutingEncoderModel, RoutingModelConfig, build_query_set
-from brainenc.models.queries import COMBINE_RULES, QUERY_KINDS
-from brainenc.training import TrainConfig, Trainer, VoxelRegression, load_tensors, save_tensors, seed_everything
-from brainenc.training.data import RowSubset
+from brainenc.estimator import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    EstimatorMixin,
+    read_pretrained_config,
+    register_estimator,
+    to_json_value,
+)
+from brainenc.exceptions import ConfigError, DataFormatError
 
-__all__ = ["RoutingEncoderConfig", "RoutingEncoder"]
+__all__ = ["RoutingEncoder"]
 
-_CONFIG_FILE = "config.json"
-_WEIGHTS_FILE = "model.safetensors"
+#: constructor parameters that are nested tables (merged key by key by ``from_pretrained`` overrides)
+_NESTED = ("model", "train")
 
 
-@dataclass
-class RoutingEncoderConfig:
-    """Configuration of :class:`RoutingEncoder` (defaults = the paper's ``rois_all`` model).
-
-    Parameters
-    ----------
-    queries : {'rois', 'streams', 'hemis', 'voxels', 'custom'}
-        Query set (see :func:`brainenc.models.build_query_set`).
-    combine : {'sum', 'mean', 'first'}
-        Rule for voxels in several ROIs (``sum`` as the original).
-    families : list of str, optional
-        ROI families used by ``queries='rois'`` (default all label arrays passed in).
-    unknown : bool
-        One ``unknown`` query per hemisphere for voxels in no ROI.
-    d_model, n_heads, d_ffn, n_layers, dropout, positional, query_self_attn, value_proj, input_proj,
-    final_norm, voxel_variant, voxel_chunk, routing_backend
-        Architecture, see :class:`brainenc.models.RoutingModelConfig`.
-    train : TrainConfig
-        Optimisation (AdamW 5e-4, wd 1e-4, clip 0.1, batch 16, 15 epochs).
-    val_fraction : float
-        Fraction of the training rows held out for best-epoch selection when no validation data are
-        given (0 = no validation: keep the last epoch).
-    val_seed : int
-        Seed of that random split (the original's split had none).
-    scoring : {'r2', 'r'}
-        Default metric of :meth:`RoutingEncoder.score`.
-    """
-
-    queries: str = "rois"
-    combine: str = "sum"
-    families: Optional[list[str]] = None
-    unknown: bool = True
-    d_model: int = 768
-    n_heads: int = 16
-    d_ffn: int = 1024
-    n_layers: int = 1
-    dropout: float = 0.1
-    positional: str = "sine"
-    query_self_attn: bool = False
-    value_proj: bool = True
-    input_proj: Optional[bool] = None
-    final_norm: bool = True
-    voxel_variant: str = "routing"
-    voxel_chunk: int = 2048
-    routing_backend: str = "auto"
-    train: TrainConfig = field(default_factory=TrainConfig)
-    val_fraction: float = 0.1
-    val_seed: int = 0
-    scoring: str = "r2"
-
-    def check(self) -> None:
-        check_option("queries", self.queries, QUERY_KINDS)
-        check_option("combine", self.combine, COMBINE_RULES)
-        check_option("scoring", self.scoring, ("r2", "r"))
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"'val_fraction' must be in [0, 1); {self.val_fraction} was provided")
-        self.train.check()
-
-    def model_config(self, feature_dim: int, grid: tuple[int, int], n_voxels: int) -> RoutingModelConfig:
-        arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(RoutingModelConfig)
-                if hasattr(self, f.name)}
-        arch.update(feature_dim=int(feature_dim), grid=tuple(int(g) for g in grid), n_voxels=int(n_voxels),
-                    query_mode="voxels" if self.queries == "voxels" else "grouped")
-        return from_dict(RoutingModelConfig, arch)
+class _WeightsMismatch(DataFormatError):
+    """Saved weights do not fit the architecture (re-raised by ``from_pretrained`` with the path)."""
 
 
 def _infer_grid(n_tokens: int) -> tuple[int, int]:
     s = int(round(math.sqrt(n_tokens)))
     if s * s != n_tokens:
-        raise ConfigError(f"cannot infer the patch grid of {n_tokens} tokens (not a square); pass grid=(h, w)")
+        raise ConfigError(f"'grid' cannot be inferred from {n_tokens} tokens (not a square); pass grid=(h, w)")
     return (s, s)
 
 
-class RoutingEncoder:
+def _nested(cls, value, name: str, prefix: str = ""):
+    """A validated copy of the nested config ``value`` (None, a ``cls`` instance or a mapping of its fields)."""
+    if value is None:
+        return from_dict(cls, {})
+    if isinstance(value, cls):
+        out = dataclasses.replace(value)  # a copy: the fitted model never aliases the parameter
+        out.check()
+        return out
+    if isinstance(value, Mapping):
+        return from_dict(cls, value, _prefix=f"{prefix}{name}.")
+    raise ConfigError(f"'{prefix}{name}' must be None, a {cls.__name__} or a mapping of its fields; "
+                      f"{type(value).__name__} was provided")
+
+
+def _is_json(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, list, dict))
+
+
+@register_estimator("routing")
+class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     """Transformer brain encoder: learned queries cross-attend to patch tokens, voxels read their query.
 
     Parameters
     ----------
-    config : RoutingEncoderConfig or mapping, optional
-    roi_labels : dict family -> int [n_voxels], optional
-        ROI label arrays (0 = none), e.g. ``PreparedDataset.roi_labels``; needed for ``rois``/``streams``.
-    roi_names : dict family -> {int: str}, optional
-    hemi : array [n_voxels], optional
-        Hemisphere per voxel (``"lh"``/``"rh"``); None = one group.
-    clusters : int array [n_voxels], optional
-        Labels for ``queries='custom'``.
-    **overrides
-        Top-level config keys (e.g. ``queries="voxels"``, ``train={"epochs": 5}``).
+    queries : {'rois', 'streams', 'hemis', 'voxels', 'custom'}
+        Query set (see :func:`brainenc.models.build_query_set`); ``rois``/``streams`` need
+        ``roi_labels`` and ``custom`` needs ``clusters`` at fit time.
+    combine : {'sum', 'mean', 'first'}
+        Rule for voxels in several ROIs (``sum`` as the original).
+    families : list of str, optional
+        ROI families used by ``queries='rois'`` (default: every family of ``roi_labels``).
+    unknown : bool
+        One ``unknown`` query per hemisphere for voxels in no ROI.
+    model : RoutingArchitecture or mapping, optional
+        Architecture (``d_model``, ``n_heads``, ``d_ffn``, ``n_layers``, ``dropout``, ``positional``,
+        ``query_self_attn``, ``value_proj``, ``input_proj``, ``final_norm``, ``voxel_variant``,
+        ``voxel_chunk``, ``routing_backend``); None = the paper's defaults.
+    train : TrainConfig or mapping, optional
+        Optimisation and execution (``epochs``, ``lr``, ``batch_size``, ``device``, ``amp``,
+        ``eval_batch_size``, ...); None = defaults (AdamW 5e-4, wd 1e-4, clip 0.1, batch 16, 15 epochs).
+        ``predict`` runs on ``train.device`` with ``train.amp`` and ``train.eval_batch_size``.
+    val_fraction : float
+        Fraction of the training rows held out for best-epoch selection when ``fit`` gets no
+        ``validation_data``, in [0, 1) (0 = no validation: keep the last epoch).
+    val_seed : int
+        Seed of that random split.
+    scoring : {'r2', 'r'}
+        Default metric of :meth:`score`.
 
     Attributes
     ----------
     model_ : RoutingEncoderModel
+        The trained network (best epoch), in eval mode.
     query_set_ : QuerySet or None
+        Voxel-to-query membership (None for ``queries='voxels'``).
     grid_ : (int, int)
-    n_voxels_, n_features_ : int
+    n_voxels_, n_features_, n_tokens_ : int
     best_epoch_ : int
-    val_scores_ : ndarray float32 [n_voxels] or None
+    val_scores_ : ndarray, float32 [n_voxels], or None
         Validation Pearson r per voxel at the best epoch (input to ensembling).
     history_ : list of dict
+        Per-epoch records of the trainer.
+    train_index_ : ndarray, int64 [n_train]
+        Rows of the ``fit`` data trained on.
+    val_index_ : ndarray, int64 [n_val], or None
+        Rows held out for validation (None with ``validation_data`` or ``val_fraction=0``).
+
+    Examples
+    --------
+    >>> enc = RoutingEncoder(queries="hemis", model={"d_model": 16, "n_heads": 2}, train={"epochs": 2})
+    >>> enc.fit(tokens, Y, hemi=hemi).predict(tokens).shape     # doctest: +SKIP
+    (n_samples, n_voxels)
     """
 
-    def __init__(self, config: RoutingEncoderConfig | Mapping[str, Any] | None = None, *,
-                 roi_labels: Mapping[str, np.ndarray] | None = None, roi_names: Mapping[str, Mapping] | None = None,
-                 hemi: np.ndarray | None = None, clusters: np.ndarray | None = None, **overrides):
-        base = to_dict(config) if isinstance(config, RoutingEncoderConfig) else dict(config or {})
-        base.update(overrides)
-        self.config = from_dict(RoutingEncoderConfig, base)
-        self.roi_labels = roi_labels
-        self.roi_names = roi_names
-        self.hemi = hemi
-        self.clusters = clusters
+    def __init__(self, queries: str = "rois", combine: str = "sum", families: Sequence[str] | None = None,
+                 unknown: bool = True, model=None, train=None, val_fraction: float = 0.1, val_seed: int = 0,
+                 scoring: str = "r2"):
+        self.queries = queries
+        self.combine = combine
+        self.families = families
+        self.unknown = unknown
+        self.model = model
+        self.train = train
+        self.val_fraction = val_fraction
+        self.val_seed = val_seed
+        self.scoring = scoring
+
+    # ---- parameters ------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, *, prefix: str = "") -> "RoutingEncoder":
+        """Build from a plain mapping (e.g. a TOML table) and validate every parameter at once.
+
+        Parameters
+        ----------
+        config : mapping, optional
+            Constructor parameters, ``model`` and ``train`` as nested tables, e.g.
+            ``{"queries": "rois", "model": {"d_model": 64}, "train": {"epochs": 30}}``.
+        prefix : str
+            Prepended to key names in error messages (e.g. ``"fit.routing.model."``).
+
+        Raises
+        ------
+        ConfigError
+            Unknown key (with a did-you-mean) or invalid value, one line.
+        """
+        from brainenc.models import RoutingArchitecture
+        from brainenc.training import TrainConfig
+
+        config = dict(config or {})
+        names = cls._get_param_names()
+        nested = {"model": RoutingArchitecture, "train": TrainConfig}
+        for key in config:
+            if key not in names:
+                moved = [t for t, c in nested.items() if key in {f.name for f in dataclasses.fields(c)}]
+                close = difflib.get_close_matches(key, names, n=1)
+                if moved:  # the old flat layout: architecture keys live in the "model" table
+                    hint = f"; it belongs in the '{prefix}{moved[0]}' table"
+                elif close:
+                    hint = f"; did you mean '{close[0]}'?"
+                else:
+                    hint = f"; known keys: {', '.join(names)}"
+                raise ConfigError(f"unknown key '{prefix}{key}' for RoutingEncoder{hint}")
+        est = cls(**config)
+        est._resolve(prefix)
+        return est
+
+    def _arch(self, prefix: str = ""):
+        from brainenc.models import RoutingArchitecture
+
+        return _nested(RoutingArchitecture, self.model, "model", prefix)
+
+    def _train_config(self, prefix: str = ""):
+        from brainenc.training import TrainConfig
+
+        return _nested(TrainConfig, self.train, "train", prefix)
+
+    def _resolve(self, prefix: str = ""):
+        """Validate every parameter; returns the (RoutingArchitecture, TrainConfig) to fit with."""
+        from brainenc.models.queries import COMBINE_RULES, QUERY_KINDS
+
+        check_option("queries", self.queries, QUERY_KINDS)
+        check_option("combine", self.combine, COMBINE_RULES)
+        check_option("scoring", self.scoring, ("r2", "r"))
+        fams = self.families
+        if fams is not None and (isinstance(fams, str) or not isinstance(fams, Sequence)
+                                 or not all(isinstance(f, str) for f in fams)):
+            raise ConfigError(f"'families' must be None or a list of ROI family names; {fams!r} was provided")
+        if not isinstance(self.unknown, bool):
+            raise ConfigError(f"'unknown' must be true or false; {self.unknown!r} was provided")
+        vf = self.val_fraction
+        if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf < 1.0:
+            raise ConfigError(f"'val_fraction' must be a number in [0, 1); {vf!r} was provided")
+        if isinstance(self.val_seed, bool) or not isinstance(self.val_seed, (int, np.integer)):
+            raise ConfigError(f"'val_seed' must be an integer; {self.val_seed!r} was provided")
+        return self._arch(prefix), self._train_config(prefix)
 
     # ---- fitting ---------------------------------------------------------------------------
-    def _query_set(self, n_voxels: int) -> QuerySet | None:
-        c = self.config
-        return build_query_set(c.queries, n_voxels, roi_labels=self.roi_labels, roi_names=self.roi_names,
-                               hemi=self.hemi, families=c.families, clusters=self.clusters, combine=c.combine,
-                               unknown=c.unknown)
-
-    def fit(self, tokens: np.ndarray, Y: np.ndarray, *, grid: tuple[int, int] | None = None,
-            val_fraction: float | None = None, validation_data: tuple[np.ndarray, np.ndarray] | None = None,
+    def fit(self, tokens, Y, *, grid: tuple[int, int] | None = None,
+            roi_labels: Mapping[str, np.ndarray] | None = None, roi_names: Mapping[str, Mapping] | None = None,
+            hemi: np.ndarray | None = None, clusters: np.ndarray | None = None,
+            validation_data: tuple[np.ndarray, np.ndarray] | None = None,
             run_dir: str | Path | None = None, resume: bool = False) -> "RoutingEncoder":
         """Train the encoder.
 
@@ -163,9 +226,17 @@ class RoutingEncoder:
         Y : array [n_samples, n_voxels]
         grid : (h, w), optional
             Patch grid; inferred when ``n_tokens`` is a perfect square.
-        val_fraction : float, optional
-            Overrides ``config.val_fraction`` (ignored when ``validation_data`` is given).
+        roi_labels : dict family -> int array [n_voxels], optional
+            ROI label arrays (0 = none), e.g. ``PreparedDataset.roi_labels``; needed for
+            ``queries='rois'`` / ``'streams'``.
+        roi_names : dict family -> {int: str}, optional
+            Label names (``PreparedDataset.roi_names``); missing ones are named ``"<family>-<value>"``.
+        hemi : array [n_voxels], optional
+            Hemisphere per voxel (``"lh"``/``"rh"``); None = one group.
+        clusters : int array [n_voxels], optional
+            Labels for ``queries='custom'`` (negative = unknown).
         validation_data : (tokens_val [m, n_tokens, n_features], Y_val [m, n_voxels]), optional
+            Held-out data for best-epoch selection (then ``val_fraction`` is not used).
         run_dir : path, optional
             Checkpoints, best weights and ``metrics.jsonl`` (enables ``resume``).
         resume : bool
@@ -175,82 +246,114 @@ class RoutingEncoder:
         -------
         self
         """
-        c = self.config
+        arch, train = self._resolve()
+        from brainenc.models import RoutingEncoderModel, build_query_set
+        from brainenc.training import Trainer, VoxelRegression, seed_everything
+        from brainenc.training.data import RowSubset
+
         if np.ndim(tokens) != 3:
             raise DataFormatError(f"'tokens' must be [n_samples, n_tokens, n_features]; got shape {np.shape(tokens)}")
         Y = check_array(Y, name="Y", ndim=2, dtype=np.float32)
         n, t, d = tokens.shape
         if Y.shape[0] != n:
             raise DataFormatError(f"'tokens' has {n} samples, 'Y' has {Y.shape[0]}")
-        grid = tuple(grid) if grid is not None else _infer_grid(t)
+        if grid is None:
+            grid = _infer_grid(t)
+        elif (len(tuple(grid)) != 2
+              or not all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) and g >= 1 for g in grid)):
+            raise ConfigError(f"'grid' must be (h, w) with positive integer sizes; {grid!r} was provided")
+        grid = (int(grid[0]), int(grid[1]))
         if grid[0] * grid[1] != t:
-            raise ConfigError(f"grid {grid} has {grid[0] * grid[1]} cells but tokens have {t}")
+            raise ConfigError(f"'grid' {grid} has {grid[0] * grid[1]} cells but tokens have {t}")
         V = Y.shape[1]
         if validation_data is not None:
             Xv, Yv = validation_data
             Yv = check_array(Yv, name="Y_val", ndim=2, dtype=np.float32)
             if np.shape(Xv)[1:] != (t, d) or Yv.shape != (len(Xv), V):
-                raise DataFormatError(f"validation_data shapes {np.shape(Xv)}, {Yv.shape} do not match "
+                raise DataFormatError(f"'validation_data' shapes {np.shape(Xv)}, {Yv.shape} do not match "
                                       f"tokens [*, {t}, {d}] / Y [*, {V}]")
             Xt, Yt, val = tokens, Y, {"x": Xv, "y": Yv}
-            self.train_index_, self.val_index_ = np.arange(n), None
+            train_index, val_index = np.arange(n), None
         else:
-            frac = c.val_fraction if val_fraction is None else float(val_fraction)
-            if not 0.0 <= frac < 1.0:
-                raise ConfigError(f"'val_fraction' must be in [0, 1); {frac} was provided")
-            n_val = int(round(frac * n))
-            perm = np.random.default_rng(c.val_seed).permutation(n)
+            n_val = int(round(self.val_fraction * n))
+            perm = np.random.default_rng(self.val_seed).permutation(n)
             vi, ti = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-            self.train_index_, self.val_index_ = ti, (vi if n_val else None)
+            train_index, val_index = ti, (vi if n_val else None)
             # lazy row views: a memmap of cached tokens is not copied into memory
             Xt, Yt = RowSubset(tokens, ti), Y[ti]
             val = {"x": RowSubset(tokens, vi), "y": Y[vi]} if n_val >= 2 else None
-        self.grid_ = (int(grid[0]), int(grid[1]))
+        query_set = build_query_set(self.queries, V, roi_labels=roi_labels, roi_names=roi_names, hemi=hemi,
+                                    families=self.families, clusters=clusters, combine=self.combine,
+                                    unknown=self.unknown)
+        seed_everything(train.seed)  # model init is part of the seeded run
+        model = RoutingEncoderModel(arch, feature_dim=int(d), grid=grid, n_voxels=V, query_set=query_set)
+        res = Trainer(model, train, objective=VoxelRegression(), run_dir=run_dir).fit(
+            {"x": Xt, "y": Yt}, val=val, resume=resume)
+        model.eval()
+        self.model_, self.query_set_ = model, query_set
+        self.grid_ = grid
         self.n_voxels_, self.n_features_, self.n_tokens_ = V, int(d), int(t)
-        self.query_set_ = self._query_set(V)
-        seed_everything(c.train.seed)  # model init is part of the seeded run
-        self.model_ = RoutingEncoderModel(c.model_config(d, self.grid_, V), self.query_set_)
-        trainer = Trainer(self.model_, c.train, objective=VoxelRegression(), run_dir=run_dir)
-        res = trainer.fit({"x": Xt, "y": Yt}, val=val, resume=resume)
-        self.model_.eval()
+        self.train_index_, self.val_index_ = train_index, val_index
         self.history_ = res.history
         self.best_epoch_ = res.best_epoch
         self.val_scores_ = res.val_scores
         return self
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "model_"):
-            raise NotFittedError("this RoutingEncoder is not fitted yet; call fit(tokens, Y) first")
+    def _is_fitted(self) -> bool:
+        return hasattr(self, "model_")
 
     def _check_tokens(self, tokens) -> None:
         if np.ndim(tokens) != 3 or tuple(np.shape(tokens)[1:]) != (self.n_tokens_, self.n_features_):
             raise DataFormatError(f"'tokens' must be [n, {self.n_tokens_}, {self.n_features_}]; got {np.shape(tokens)}")
 
     # ---- inference -------------------------------------------------------------------------
-    def predict(self, tokens: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """Predicted responses, float32 [n_samples, n_voxels]."""
-        self._check_fitted()
-        self._check_tokens(tokens)
-        return Trainer(self.model_, dataclasses.replace(self.config.train)).predict(tokens, batch_size)
-
-    def score(self, tokens: np.ndarray, Y: np.ndarray, metric: str | None = None) -> np.ndarray:
-        """Per-voxel score of the predictions, [n_voxels].
+    def predict(self, tokens, batch_size: int | None = None) -> np.ndarray:
+        """Predicted responses.
 
         Parameters
         ----------
-        tokens : array [n, n_tokens, n_features]
-        Y : array [n, n_voxels]
+        tokens : array [n_samples, n_tokens, n_features]
+        batch_size : int, optional
+            Default ``train.eval_batch_size``.
+
+        Returns
+        -------
+        ndarray, float32 [n_samples, n_voxels]
+        """
+        from brainenc.training import Trainer
+
+        self._check_fitted()
+        self._check_tokens(tokens)
+        return Trainer(self.model_, self._train_config()).predict(tokens, batch_size)
+
+    def score(self, tokens, Y, sample_weight=None, *, metric: str | None = None) -> np.ndarray:
+        """Per-voxel score of the predictions.
+
+        Unlike scikit-learn regressors, this returns one value **per voxel**, not their mean.
+
+        Parameters
+        ----------
+        tokens : array [n_samples, n_tokens, n_features]
+        Y : array [n_samples, n_voxels]
+        sample_weight : None
+            Not supported (present for scikit-learn signature compatibility).
         metric : {'r2', 'r'}, optional
-            Default ``config.scoring`` (R², like RidgeEncoder).
+            Default ``scoring`` (R², as RidgeEncoder).
+
+        Returns
+        -------
+        ndarray [n_voxels]
         """
         from brainenc.metrics import pearson_r, r2_score
 
-        metric = check_option("metric", metric or self.config.scoring, ("r2", "r"))
+        if sample_weight is not None:
+            raise ConfigError("'sample_weight' is not supported by RoutingEncoder.score")
+        metric = check_option("metric", metric or self.scoring, ("r2", "r"))
         Y = check_array(Y, name="Y", ndim=2, dtype=np.float32)
         pred = self.predict(tokens)
         return np.asarray(pearson_r(Y, pred) if metric == "r" else r2_score(Y, pred))
 
-    def attention_maps(self, tokens: np.ndarray, *, layer: int = -1, queries=None, per_head: bool = False,
+    def attention_maps(self, tokens, *, layer: int = -1, queries=None, per_head: bool = False,
                        batch_size: int = 16) -> np.ndarray:
         """Cross-attention maps of the queries on the patch grid.
 
@@ -260,15 +363,18 @@ class RoutingEncoder:
         layer : int
             Decoder layer.
         queries : sequence of int or str, optional
-            Query indices or names (``query_set_.names``); default all (voxel queries: pass a subset).
+            Query indices or names (``query_names_``); default all (voxel queries: pass a subset).
         per_head : bool
             Keep heads (default: mean over heads, as the original's ``need_weights`` output).
+        batch_size : int
 
         Returns
         -------
-        maps : float32 [n, q, h, w] or [n, H, q, h, w]
+        maps : ndarray, float32 [n, q, h, w] or [n, H, q, h, w]
             Each map sums to 1 over the grid.
         """
+        import torch
+
         self._check_fitted()
         self._check_tokens(tokens)
         idx = None
@@ -292,55 +398,84 @@ class RoutingEncoder:
             return list(self.query_set_.names)
         return [f"voxel-{i}" for i in range(self.n_voxels_)]
 
-    # ---- persistence -----------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (weights + query-set arrays) to ``directory``."""
-        self._check_fitted()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
-        if self.query_set_ is not None:
-            tensors.update({f"queryset.{k}": torch.from_numpy(np.ascontiguousarray(v))
-                            for k, v in self.query_set_.arrays().items()})
-        if self.val_scores_ is not None:
-            tensors["val_scores"] = torch.from_numpy(np.asarray(self.val_scores_, dtype=np.float32))
-        save_tensors(directory / _WEIGHTS_FILE, tensors, metadata={"format": "brainenc.RoutingEncoder"})
-        write_json(directory / _CONFIG_FILE, {
-            "class": "RoutingEncoder", "config": to_dict(self.config),
-            "model_config": to_dict(self.model_.config),
-            "query_set": None if self.query_set_ is None else self.query_set_.meta(),
-            "fitted": {"grid": list(self.grid_), "n_voxels": self.n_voxels_, "n_features": self.n_features_,
-                       "n_tokens": self.n_tokens_, "best_epoch": self.best_epoch_, "history": self.history_},
-        })
-        return directory
+    # ---- persistence (through EstimatorMixin.save_pretrained / from_pretrained) ---------------
+    def _config_json(self) -> dict[str, Any]:
+        # model/train may be given as dataclasses: their JSON form is their field table
+        out = {}
+        for key, value in self.get_params(deep=False).items():
+            j = to_json_value(to_dict(value))
+            if not _is_json(j):
+                raise ConfigError(f"'{key}' has no JSON form ({type(value).__name__}); use plain values")
+            out[key] = j
+        return out
 
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | None = None) -> "RoutingEncoder":
-        """Load an encoder written by :meth:`save_pretrained` (no pickle; safetensors + JSON)."""
-        directory = Path(directory)
-        meta = read_json(directory / _CONFIG_FILE)
-        if meta.get("class") != "RoutingEncoder":
-            raise DataFormatError(f"{directory / _CONFIG_FILE}: not a RoutingEncoder config")
-        tensors = load_tensors(directory / _WEIGHTS_FILE)
-        enc = cls(meta["config"])
+    def _fitted_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        arrays: dict[str, Any] = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
+        if self.query_set_ is not None:
+            arrays.update({f"queryset.{k}": v for k, v in self.query_set_.arrays().items()})
+        if self.val_scores_ is not None:
+            arrays["val_scores"] = np.asarray(self.val_scores_, dtype=np.float32)
+        arrays["train_index"] = np.asarray(self.train_index_, dtype=np.int64)
+        if self.val_index_ is not None:
+            arrays["val_index"] = np.asarray(self.val_index_, dtype=np.int64)
+        meta = {"grid": list(self.grid_), "n_voxels": int(self.n_voxels_), "n_features": int(self.n_features_),
+                "n_tokens": int(self.n_tokens_), "best_epoch": int(self.best_epoch_), "history": to_json_value(self.history_),
+                "query_set": None if self.query_set_ is None else self.query_set_.meta()}
+        return arrays, meta
+
+    def _restore_fitted(self, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+        import torch
+
+        from brainenc.models import QuerySet, RoutingEncoderModel
+
         qs = None
         if meta["query_set"] is not None:
-            arrays = {k[len("queryset."):]: v.numpy() for k, v in tensors.items() if k.startswith("queryset.")}
-            qs = QuerySet.from_parts(meta["query_set"], arrays)
-        mcfg = from_dict(RoutingModelConfig, meta["model_config"])
-        model = RoutingEncoderModel(mcfg, qs)
-        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise DataFormatError(f"{directory / _WEIGHTS_FILE}: weights do not match the config ({exc})") from None
-        if device is not None:
-            model.to(device)
+            qs = QuerySet.from_parts(meta["query_set"], {k[len("queryset."):]: v for k, v in arrays.items()
+                                                         if k.startswith("queryset.")})
+        grid = (int(meta["grid"][0]), int(meta["grid"][1]))
+        with torch.random.fork_rng(devices=[]):  # building the modules draws init values; leave the user's RNG alone
+            model = RoutingEncoderModel(self._arch(), feature_dim=int(meta["n_features"]), grid=grid,
+                                        n_voxels=int(meta["n_voxels"]), query_set=qs)
+        state = {k[len("model."):]: torch.from_numpy(np.asarray(v)) for k, v in arrays.items() if k.startswith("model.")}
+        expected = model.state_dict()
+        problems = [f"missing {k!r}" for k in expected if k not in state]
+        problems += [f"unexpected {k!r}" for k in state if k not in expected]
+        problems += [f"{k!r} has shape {tuple(state[k].shape)}, the architecture needs {tuple(v.shape)}"
+                     for k, v in expected.items() if k in state and state[k].shape != v.shape]
+        if problems:
+            raise _WeightsMismatch(f"weights do not fit the architecture in {CONFIG_FILE} "
+                                   f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''})")
+        model.load_state_dict(state)
         model.eval()
-        f = meta["fitted"]
-        enc.model_, enc.query_set_ = model, qs
-        enc.grid_ = (int(f["grid"][0]), int(f["grid"][1]))
-        enc.n_voxels_, enc.n_features_, enc.n_tokens_ = int(f["n_voxels"]), int(f["n_features"]), int(f["n_tokens"])
-        enc.best_epoch_, enc.history_ = int(f["best_epoch"]), list(f["history"])
-        enc.val_scores_ = tensors["val_scores"].numpy() if "val_scores" in tensors else None
-        return enc
+        self.model_, self.query_set_ = model, qs
+        self.grid_ = grid
+        self.n_voxels_, self.n_features_ = int(meta["n_voxels"]), int(meta["n_features"])
+        self.n_tokens_ = int(meta["n_tokens"])
+        self.best_epoch_, self.history_ = int(meta["best_epoch"]), list(meta["history"])
+        self.val_scores_ = arrays["val_scores"] if "val_scores" in arrays else None
+        self.train_index_ = arrays["train_index"]
+        self.val_index_ = arrays["val_index"] if "val_index" in arrays else None
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **params) -> "RoutingEncoder":
+        """Load an encoder written by :meth:`save_pretrained` (``config.json`` + ``model.safetensors``).
+
+        Parameters
+        ----------
+        directory : path
+        **params
+            Constructor parameters to override. A mapping given for ``model`` or ``train`` updates
+            the saved table key by key, e.g. ``train={"device": "cpu"}`` or
+            ``model={"routing_backend": "chunked"}`` (execution settings; a changed architecture
+            would not fit the saved weights).
+        """
+        directory = Path(directory).expanduser()
+        if any(isinstance(params.get(k), Mapping) for k in _NESTED):
+            saved = read_pretrained_config(directory)["config"]
+            for k in _NESTED:
+                if isinstance(params.get(k), Mapping) and isinstance(saved.get(k), Mapping):
+                    params[k] = {**saved[k], **params[k]}
+        try:
+            return super().from_pretrained(directory, **params)
+        except _WeightsMismatch as exc:
+            raise DataFormatError(f"{directory / WEIGHTS_FILE}: {exc}") from None

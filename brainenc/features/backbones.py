@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from brainenc._utils.device import resolve_device
 from brainenc.config import canonical_json
 from brainenc.exceptions import BrainencError, ConfigError, DataFormatError, MissingWeightsError
 from brainenc.features.cache import cached_sha256, read_identity_record, write_identity_record
@@ -607,18 +608,6 @@ def create_backbone(name: str, **overrides) -> Backbone:
     if device is not None:
         backbone.to(resolve_device(device))
     return backbone
-
-
-def resolve_device(device: str | None):
-    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; other strings unchanged."""
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"'device' is {device!r} but no CUDA device is available")
-    return dev
 
 
 def pop_unknown(kwargs: dict, allowed: set[str], name: str) -> None:

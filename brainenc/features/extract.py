@@ -275,7 +275,7 @@ def _compute(source, ids, spec: FeatureSpec, backbone, info: dict, key: str, fol
              show_progress: bool) -> FeatureSet:
     import torch
 
-    from brainenc.features.backbones import resolve_device
+    from brainenc._utils.device import resolve_device
 
     device = resolve_device(spec.device)
     layer = info["layer"]

@@ -1,31 +1,29 @@
 """brainenc.models: nn.Modules only (no loops over data, no optimisers).
 
-Registry: ``MODELS`` maps a name to a factory ``f(config: dict | None, query_set=None, **overrides) -> nn.Module``;
-``create_model(name, **overrides)`` builds one. Tiny variants are registered like the real ones.
+Registry: ``MODELS`` maps a name to a factory
+``f(config: dict | RoutingArchitecture | None, query_set=None, *, feature_dim, grid, n_voxels, **overrides) -> nn.Module``:
+hyper-parameters come from ``config`` and ``overrides``, the sizes that come from the data are keywords;
+``create_model(name, ...)`` builds one. Tiny variants are registered like the real ones.
+
+>>> m = create_model("routing_encoder_tiny", feature_dim=64, grid=(4, 4), n_voxels=100)  # voxel queries
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 from brainenc.config import from_dict, to_dict
+from brainenc.exceptions import ConfigError
 from brainenc.models.positional import LearnedPositional2d, SinePositional2d, make_positional, sine_2d
 from brainenc.models.queries import COMBINE_RULES, QUERY_KINDS, QuerySet, build_query_set
 from brainenc.models.readout import GroupedReadout, dense_readout_reference, per_voxel_readout
-from brainenc.models.routing_encoder import (
-    CrossAttention,
-    DecoderLayer,
-    RoutingEncoderModel,
-    RoutingModelConfig,
-    routing_attention_einsum,
-    voxel_routing,
-)
+from brainenc.models.routing_encoder import CrossAttention, DecoderLayer, RoutingArchitecture, RoutingEncoderModel
 from brainenc.registry import Registry
 
 __all__ = [
     "MODELS",
     "create_model",
     "list_models",
-    "RoutingModelConfig",
+    "RoutingArchitecture",
     "RoutingEncoderModel",
     "DecoderLayer",
     "CrossAttention",
@@ -40,36 +38,48 @@ __all__ = [
     "SinePositional2d",
     "LearnedPositional2d",
     "make_positional",
-    "routing_attention_einsum",
-    "voxel_routing",
 ]
 
 MODELS = Registry("model")
 
 
-def _routing_factory(defaults: Mapping[str, Any]):
-    def factory(config: Mapping[str, Any] | RoutingModelConfig | None = None, query_set: QuerySet | None = None,
-                **overrides) -> RoutingEncoderModel:
+def _routing_factory(defaults: Mapping[str, Any], voxels_only: bool = False):
+    def factory(config: Mapping[str, Any] | RoutingArchitecture | None = None, query_set: QuerySet | None = None, *,
+                feature_dim: int, grid: tuple[int, int], n_voxels: int, **overrides) -> RoutingEncoderModel:
+        if voxels_only and query_set is not None:
+            raise ConfigError("'query_set' must be None for a voxel-query model (one query per voxel)")
         base = dict(defaults)
-        base.update(to_dict(config) if isinstance(config, RoutingModelConfig) else dict(config or {}))
+        base.update(to_dict(config) if isinstance(config, RoutingArchitecture) else dict(config or {}))
         base.update(overrides)
-        return RoutingEncoderModel(from_dict(RoutingModelConfig, base), query_set)
+        return RoutingEncoderModel(from_dict(RoutingArchitecture, base), feature_dim=feature_dim, grid=grid,
+                                   n_voxels=n_voxels, query_set=query_set)
 
     return factory
 
 
-#: faithful defaults (reference_systems.md a.3): d_model 768, 16 heads, FFN 1024, one layer, sine keys
+#: faithful defaults (reference_systems.md a.3): d_model 768, 16 heads, FFN 1024, one layer, sine keys;
+#: grouped queries when a query set is given, else one query per voxel
 MODELS.register("routing_encoder", _routing_factory({}), description="transformer brain encoder, grouped/voxel queries")
-MODELS.register("routing_encoder_voxels", _routing_factory({"query_mode": "voxels"}),
-                description="one query per voxel, linear-readout routing variant")
+MODELS.register("routing_encoder_voxels", _routing_factory({}, voxels_only=True),
+                description="one query per voxel (no query set), linear-readout routing variant")
 MODELS.register("routing_encoder_tiny", _routing_factory({"d_model": 32, "n_heads": 4, "d_ffn": 64}),
                 description="tiny test variant")
 
 
 def create_model(name: str, config: Mapping[str, Any] | None = None, query_set: QuerySet | None = None,
-                 **overrides):
-    """Build the registered model ``name`` with ``config`` values and keyword ``overrides``."""
-    return MODELS.get(name)(config, query_set, **overrides)
+                 **kwargs):
+    """Build the registered model ``name``.
+
+    Parameters
+    ----------
+    name : str
+    config : mapping or RoutingArchitecture, optional
+        Hyper-parameters on top of the variant's defaults.
+    query_set : QuerySet, optional
+    **kwargs
+        The data sizes (``feature_dim``, ``grid``, ``n_voxels``) and hyper-parameter overrides.
+    """
+    return MODELS.get(name)(config, query_set, **kwargs)
 
 
 def list_models(pattern: str = "*") -> list[str]:

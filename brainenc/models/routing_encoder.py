@@ -13,22 +13,27 @@ Forward pass (grouped queries: ROIs × hemispheres + unknown, streams, hemispher
     Z  = LN_dec(t)                               [B, Q, D]
     ŷ  = grouped per-voxel readout of Z          [B, V]      (models/readout.py)
 
-Voxel queries (``query_mode="voxels"``), two variants:
+Voxel queries (no query set: ``query_mode == "voxels"``), two variants:
 
 - ``voxel_variant="routing"`` (default): the linear-readout routing form of routing_kernel.md §1,
   ``y[b,v] = Σ_h w_v^h · softmax_p(q_v^h · k_{b,p}^h / √d_h) v_{b,p}^h + c_v`` with k, v the decoder's
   key/value projections of F (+P on keys). There is **no LayerNorm / FFN between attention and readout**
-  (W_o is folded into w). Computed by ``brainenc.ops.routing_attention`` when that op is installed,
-  otherwise by :func:`routing_attention_einsum` (readout-first, V-chunked, checkpointed), so [B, V, D]
-  and [B, V, P] are never held for the whole brain.
+  (W_o is folded into w). Computed by :func:`brainenc.ops.routing_attention` with
+  ``backend=routing_backend`` (``auto``: triton on CUDA, sdpa when it fits the memory budget, else
+  the chunked readout-first kernel, whose own backward recomputes per voxel chunk, so [B, V, D] and
+  [B, V, P] are never held for the whole brain).
 - ``voxel_variant="full"``: the same decoder as the grouped model with one query per voxel (no query
   self-attention), run over voxel chunks under activation checkpointing with the per-voxel einsum
   readout; exact but ~D/P times more work than routing.
+
+The hyper-parameters are a :class:`RoutingArchitecture`; the sizes that come from the data
+(``feature_dim``, ``grid``, ``n_voxels`` and the query set, whose absence means one query per voxel)
+are constructor arguments of :class:`RoutingEncoderModel`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,37 +47,33 @@ from brainenc.exceptions import ConfigError
 from brainenc.models.positional import POSITIONAL_KINDS, make_positional
 from brainenc.models.queries import QuerySet
 from brainenc.models.readout import GroupedReadout, per_voxel_readout
+from brainenc.ops import routing_attention
 
 __all__ = [
-    "RoutingModelConfig",
+    "RoutingArchitecture",
     "CrossAttention",
     "DecoderLayer",
     "RoutingEncoderModel",
-    "routing_attention_einsum",
-    "voxel_routing",
 ]
 
 
 @dataclass
-class RoutingModelConfig:
-    """Architecture of :class:`RoutingEncoderModel` (defaults = reference_systems.md a.3).
+class RoutingArchitecture:
+    """Hyper-parameters of :class:`RoutingEncoderModel` (defaults = reference_systems.md a.3).
+
+    Sizes that come from the data (token width, patch grid, voxel count, query set) are not here:
+    they are arguments of :class:`RoutingEncoderModel`.
 
     Parameters
     ----------
-    feature_dim : int
-        Width of the cached backbone tokens.
-    grid : (int, int)
-        Patch grid (h, w); ``h * w`` must equal the number of tokens.
-    n_voxels : int
-    query_mode : {'grouped', 'voxels'}
-        Grouped queries (membership from a :class:`QuerySet`) or one query per voxel.
     d_model, n_heads, d_ffn, n_layers : int
+        Model width, attention heads (``d_model % n_heads == 0``), FFN width, decoder layers.
     dropout : float
-        Residual, FFN and attention dropout.
+        Residual, FFN and attention dropout, in [0, 1).
     positional : {'sine', 'learned', 'none'}
-        Code added to the keys.
+        Code added to the keys (``sine`` needs ``d_model % 4 == 0``).
     query_self_attn : bool
-        Self-attention among queries (removed in the paper's final model; grouped mode only).
+        Self-attention among queries (removed in the paper's final model; grouped queries only).
     value_proj : bool
         Project values with W_v (False: values are the raw tokens split into heads).
     input_proj : bool or None
@@ -82,15 +83,13 @@ class RoutingModelConfig:
     voxel_variant : {'routing', 'full'}
         Voxel-query variant (see module docstring).
     voxel_chunk : int
-        Voxels per chunk in the voxel-query paths.
+        Voxels per chunk of the ``full`` voxel variant (the ``routing`` variant's working memory
+        is bounded by :func:`brainenc.ops.routing_attention` itself).
     routing_backend : str
-        Passed to ``brainenc.ops.routing_attention``; ``"einsum"`` forces the built-in reference.
+        ``backend`` of :func:`brainenc.ops.routing_attention` for the ``routing`` voxel variant:
+        ``"auto"`` or a registered backend (``reference``, ``sdpa``, ``chunked``, ``triton``).
     """
 
-    feature_dim: int = 768
-    grid: tuple[int, ...] = (16, 16)  # (h, w); tuple[int, ...] because config._coerce swaps fixed-tuple items
-    n_voxels: int = 1
-    query_mode: str = "grouped"
     d_model: int = 768
     n_heads: int = 16
     d_ffn: int = 1024
@@ -106,27 +105,26 @@ class RoutingModelConfig:
     routing_backend: str = "auto"
 
     def check(self) -> None:
-        if len(self.grid) != 2 or min(self.grid) < 1:
-            raise ConfigError(f"'grid' must be (h, w) with positive sizes; {self.grid!r} was provided")
-        check_option("query_mode", self.query_mode, ("grouped", "voxels"))
+        """Validate (never modifies a value); raises a one-line ConfigError naming the field."""
+        from brainenc.ops import list_backends
+
+        for name in ("d_model", "n_heads", "d_ffn", "n_layers", "voxel_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"'{name}' must be an integer >= 1; {value!r} was provided")
         check_option("positional", self.positional, POSITIONAL_KINDS)
         check_option("voxel_variant", self.voxel_variant, ("routing", "full"))
+        check_option("routing_backend", self.routing_backend, ["auto", *list_backends("routing_attention")])
         if self.d_model % self.n_heads:
             raise ConfigError(f"'d_model' ({self.d_model}) must be divisible by 'n_heads' ({self.n_heads})")
         if self.positional == "sine" and self.d_model % 4:
             raise ConfigError(f"'d_model' must be divisible by 4 for positional='sine'; {self.d_model} was provided")
-        if self.query_mode == "voxels" and self.query_self_attn:
-            raise ConfigError("query_self_attn=True is not supported with one query per voxel (V×V attention)")
-        if not self.value_proj and not self.uses_input_proj and self.feature_dim != self.d_model:
-            raise ConfigError("value_proj=False needs feature_dim == d_model or input_proj=True")
-        if self.n_layers < 1 or self.voxel_chunk < 1 or self.n_voxels < 1:
-            raise ConfigError("'n_layers', 'voxel_chunk' and 'n_voxels' must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"'dropout' must be in [0, 1); {self.dropout} was provided")
 
-    @property
-    def uses_input_proj(self) -> bool:
-        return self.feature_dim != self.d_model if self.input_proj is None else bool(self.input_proj)
+    def uses_input_proj(self, feature_dim: int) -> bool:
+        """Whether tokens of width ``feature_dim`` go through a linear input projection."""
+        return feature_dim != self.d_model if self.input_proj is None else bool(self.input_proj)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,102 +256,77 @@ class DecoderLayer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# voxel-query routing (linear-readout form)
-# --------------------------------------------------------------------------------------------
-def _routing_chunk(q, k, v, w):
-    # readout-first: z[b,h,v,p] = w_v^h · v_{b,p}^h ; y_h = Σ_p softmax(q·k s)_p z_p
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    s = torch.einsum("hvd,bhpd->bhvp", q, k) * scale
-    z = torch.einsum("hvd,bhpd->bhvp", w, v)
-    return (s.softmax(-1) * z).sum(-1).sum(1)  # [B, C]
-
-
-def routing_attention_einsum(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
-                             c: torch.Tensor | None = None, *, chunk: int = 2048) -> torch.Tensor:
-    """Reference voxel-query routing, V-chunked with activation checkpointing.
-
-    ``y[b, v] = Σ_h w_v^h · Σ_p softmax_p(q_v^h · k_{b,p}^h / √D) v_{b,p}^h + c_v``
-
-    Parameters
-    ----------
-    q, w : Tensor [H, V, D]
-    k, v : Tensor [B, H, P, D]
-    c : Tensor [V], optional
-    chunk : int
-        Voxels per chunk; live memory ≈ 2 · B · H · chunk · P floats.
-
-    Returns
-    -------
-    y : Tensor [B, V]
-    """
-    H, V, D = q.shape
-    outs = []
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, w))
-    for s in range(0, V, chunk):
-        qs, ws = q[:, s:s + chunk], w[:, s:s + chunk]
-        if grad and V > chunk:
-            outs.append(checkpoint(_routing_chunk, qs, k, v, ws, use_reentrant=False))
-        else:
-            outs.append(_routing_chunk(qs, k, v, ws))
-    y = torch.cat(outs, dim=1)
-    return y if c is None else y + c.to(y.dtype)
-
-
-def voxel_routing(q, k, v, w, c=None, *, backend: str = "auto", chunk: int = 2048) -> torch.Tensor:
-    """Dispatch voxel-query routing to ``brainenc.ops.routing_attention`` when available.
-
-    ``backend="einsum"`` forces :func:`routing_attention_einsum`; any other value is passed to
-    the op (``"auto"`` falls back to the einsum path when ``brainenc.ops`` has no op yet).
-    Shapes as in :func:`routing_attention_einsum`.
-    """
-    if backend != "einsum":
-        try:
-            from brainenc.ops import routing_attention
-        except ImportError:
-            routing_attention = None
-        if routing_attention is not None:
-            return routing_attention(q, k, v, w, c, backend=backend)
-        if backend != "auto":
-            raise ConfigError(f"routing_backend={backend!r} needs brainenc.ops.routing_attention, which is not available")
-    return routing_attention_einsum(q, k, v, w, c, chunk=chunk)
-
-
-# --------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------
+def _is_size(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 class RoutingEncoderModel(nn.Module):
     """Routing encoder (see module docstring).
 
     Parameters
     ----------
-    config : RoutingModelConfig
-    query_set : QuerySet or None
-        Required for ``query_mode='grouped'``; ignored for voxel queries.
+    arch : RoutingArchitecture, optional
+        Hyper-parameters (default: the paper's).
+    feature_dim : int
+        Width of the cached backbone tokens.
+    grid : (int, int)
+        Patch grid (h, w); the model takes ``h * w`` tokens, row-major.
+    n_voxels : int
+    query_set : QuerySet, optional
+        Grouped queries (ROIs, streams, hemispheres, custom clusters) with this membership; None =
+        one query per voxel (``arch.voxel_variant`` chooses the form).
+
+    Attributes
+    ----------
+    arch : RoutingArchitecture
+    feature_dim, n_voxels, n_tokens, n_queries : int
+    grid : (int, int)
+    query_mode : {'grouped', 'voxels'}
+    query_names : list of str or None
+        Names of the grouped queries (None for voxel queries).
     """
 
-    def __init__(self, config: RoutingModelConfig, query_set: QuerySet | None = None):
+    def __init__(self, arch: RoutingArchitecture | None = None, *, feature_dim: int, grid: tuple[int, int],
+                 n_voxels: int, query_set: QuerySet | None = None):
         super().__init__()
-        config.check()
-        self.config = config
-        D = config.d_model
-        self.input_proj = nn.Linear(config.feature_dim, D) if config.uses_input_proj else nn.Identity()
-        self.positional = make_positional(config.positional, config.grid, D)
-        self.n_tokens = config.grid[0] * config.grid[1]
-        self.routing = config.query_mode == "voxels" and config.voxel_variant == "routing"
-        if config.query_mode == "grouped":
-            if query_set is None:
-                raise ConfigError("query_mode='grouped' needs a QuerySet (see brainenc.models.build_query_set)")
-            if query_set.n_voxels != config.n_voxels:
-                raise ConfigError(f"query set has {query_set.n_voxels} voxels, config has {config.n_voxels}")
+        arch = RoutingArchitecture() if arch is None else arch
+        if not isinstance(arch, RoutingArchitecture):
+            raise ConfigError(f"'arch' must be a RoutingArchitecture; {type(arch).__name__} was provided")
+        arch.check()
+        grid = tuple(grid)
+        if len(grid) != 2 or not all(_is_size(g) for g in grid):
+            raise ConfigError(f"'grid' must be (h, w) with positive integer sizes; {grid!r} was provided")
+        for name, value in (("feature_dim", feature_dim), ("n_voxels", n_voxels)):
+            if not _is_size(value):
+                raise ConfigError(f"'{name}' must be an integer >= 1; {value!r} was provided")
+        grid, feature_dim, n_voxels = (int(grid[0]), int(grid[1])), int(feature_dim), int(n_voxels)
+        query_mode = "voxels" if query_set is None else "grouped"
+        if query_mode == "voxels" and arch.query_self_attn:
+            raise ConfigError("query_self_attn=True is not supported with one query per voxel (V×V attention)")
+        if not arch.value_proj and not arch.uses_input_proj(feature_dim) and feature_dim != arch.d_model:
+            raise ConfigError(f"value_proj=False needs feature_dim == d_model or input_proj=True; "
+                              f"feature_dim={feature_dim}, d_model={arch.d_model}")
+        if query_set is not None and query_set.n_voxels != n_voxels:
+            raise ConfigError(f"'query_set' has {query_set.n_voxels} voxels but 'n_voxels' is {n_voxels}")
+        self.arch = arch
+        self.feature_dim, self.grid, self.n_voxels, self.query_mode = feature_dim, grid, n_voxels, query_mode
+        D = arch.d_model
+        self.input_proj = nn.Linear(feature_dim, D) if arch.uses_input_proj(feature_dim) else nn.Identity()
+        self.positional = make_positional(arch.positional, grid, D)
+        self.n_tokens = grid[0] * grid[1]
+        self.routing = query_mode == "voxels" and arch.voxel_variant == "routing"
+        if query_set is not None:
             self.query_names = list(query_set.names)
             n_q = query_set.n_queries
         else:
             self.query_names = None
-            n_q = config.n_voxels
+            n_q = n_voxels
         self.n_queries = n_q
         if self.routing:
-            H, dh = config.n_heads, D // config.n_heads
-            self.kv = CrossAttention(D, config.n_heads, 0.0, config.value_proj)  # k_proj / v_proj used
+            H, dh = arch.n_heads, D // arch.n_heads
+            self.kv = CrossAttention(D, arch.n_heads, 0.0, arch.value_proj)  # k_proj / v_proj used
             del self.kv.q_proj, self.kv.out_proj
             self.voxel_query = nn.Parameter(torch.randn(H, n_q, dh))
             bound = 1.0 / math.sqrt(D)
@@ -362,10 +335,10 @@ class RoutingEncoderModel(nn.Module):
         else:
             self.query_embed = nn.Parameter(torch.randn(n_q, D))
             self.layers = nn.ModuleList(
-                DecoderLayer(D, config.n_heads, config.d_ffn, config.dropout, config.query_self_attn, config.value_proj)
-                for _ in range(config.n_layers))
-            self.final_norm = nn.LayerNorm(D) if config.final_norm else nn.Identity()
-            if config.query_mode == "grouped":
+                DecoderLayer(D, arch.n_heads, arch.d_ffn, arch.dropout, arch.query_self_attn, arch.value_proj)
+                for _ in range(arch.n_layers))
+            self.final_norm = nn.LayerNorm(D) if arch.final_norm else nn.Identity()
+            if query_set is not None:
                 self.readout = GroupedReadout(query_set, D)
             else:
                 bound = 1.0 / math.sqrt(D)
@@ -384,8 +357,8 @@ class RoutingEncoderModel(nn.Module):
     # ---- pieces -------------------------------------------------------------------------
     def memory(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Projected tokens F [B, N, D] and positional code P [N, D] (or None)."""
-        if tokens.dim() != 3 or tokens.shape[1] != self.n_tokens or tokens.shape[2] != self.config.feature_dim:
-            raise ConfigError(f"tokens must have shape [B, {self.n_tokens}, {self.config.feature_dim}]; "
+        if tokens.dim() != 3 or tokens.shape[1] != self.n_tokens or tokens.shape[2] != self.feature_dim:
+            raise ConfigError(f"tokens must have shape [B, {self.n_tokens}, {self.feature_dim}]; "
                               f"got {tuple(tokens.shape)}")
         return self.input_proj(tokens), self.positional()
 
@@ -411,7 +384,7 @@ class RoutingEncoderModel(nn.Module):
         z : Tensor [B, Q, D]
         attns : list (one per layer) of Tensor [B, H, Q, N] or None
         """
-        if self.config.query_mode != "grouped":
+        if self.query_mode != "grouped":
             raise ConfigError("forward_features is defined for grouped queries; voxel queries go through forward()")
         mem, pos = self.memory(tokens)
         kvs = [layer.cross_attn.project_kv(mem, pos) for layer in self.layers]
@@ -438,20 +411,20 @@ class RoutingEncoderModel(nn.Module):
         -------
         y : Tensor [B, V]
         """
-        cfg = self.config
-        if cfg.query_mode == "grouped":
+        if self.query_mode == "grouped":
             z, _ = self.forward_features(tokens)
             return self.forward_head(z)
         mem, pos = self.memory(tokens)
+        arch = self.arch
         if self.routing:
             k, v = self.kv.project_kv(mem, pos)
-            return voxel_routing(self.voxel_query, k, v, self.voxel_weight, self.voxel_bias,
-                                 backend=cfg.routing_backend, chunk=cfg.voxel_chunk)
+            return routing_attention(self.voxel_query, k, v, self.voxel_weight, self.voxel_bias,
+                                     backend=arch.routing_backend)
         kv_flat = [t for layer in self.layers for t in layer.cross_attn.project_kv(mem, pos)]
-        use_ckpt = torch.is_grad_enabled() and self.training and cfg.n_voxels > cfg.voxel_chunk
+        use_ckpt = torch.is_grad_enabled() and self.training and self.n_voxels > arch.voxel_chunk
         outs = []
-        for s in range(0, cfg.n_voxels, cfg.voxel_chunk):
-            e = s + cfg.voxel_chunk
+        for s in range(0, self.n_voxels, arch.voxel_chunk):
+            e = s + arch.voxel_chunk
             args = (self.query_embed[s:e], self.voxel_weight[s:e], self.voxel_bias[s:e], *kv_flat)
             if use_ckpt:
                 outs.append(checkpoint(self._full_voxel_chunk, *args, use_reentrant=False))
@@ -488,13 +461,7 @@ class RoutingEncoderModel(nn.Module):
         return attns[layer]
 
     def extra_repr(self) -> str:
-        c = self.config
-        return (f"query_mode={c.query_mode}, n_queries={self.n_queries}, n_voxels={c.n_voxels}, d_model={c.d_model}, "
-                f"heads={c.n_heads}, layers={c.n_layers}, variant={c.voxel_variant if c.query_mode == 'voxels' else '-'}")
-
-
-def config_replace(config: RoutingModelConfig, **changes) -> RoutingModelConfig:
-    """Copy of ``config`` with ``changes`` applied and checked."""
-    new = dataclasses.replace(config, **changes)
-    new.check()
-    return new
+        a = self.arch
+        return (f"query_mode={self.query_mode}, n_queries={self.n_queries}, n_voxels={self.n_voxels}, "
+                f"d_model={a.d_model}, heads={a.n_heads}, layers={a.n_layers}, "
+                f"variant={a.voxel_variant if self.query_mode == 'voxels' else '-'}")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from brainenc._utils.device import resolve_device
 from brainenc._utils.io import write_text
 from brainenc._utils.logging import get_logger, progress
 from brainenc._utils.validation import check_option
@@ -187,15 +188,6 @@ class TrainResult:
     mode: str = "max"
 
 
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
-
-
 class Trainer:
     """Fit an ``nn.Module`` with an :class:`~brainenc.training.objectives.Objective`.
 
@@ -223,7 +215,7 @@ class Trainer:
         self.model = model
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.dist = distributed_info()
-        self.device = _resolve_device(self.config.device, self.dist.local_rank)
+        self.device = resolve_device(self.config.device, self.dist.local_rank, name="train.device")
 
     # ---- helpers ----------------------------------------------------------------------------
     def _autocast(self):

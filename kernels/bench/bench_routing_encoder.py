@@ -59,11 +59,11 @@ def _child(args) -> None:
                   for f, n in sizes.items()}
         qs = build_query_set("rois", V, roi_labels=labels, hemi=hemi, combine="sum")
         model = create_model("routing_encoder", feature_dim=D, grid=grid, n_voxels=V, query_set=qs)
-    elif args.model == "voxels":
-        model = create_model("routing_encoder", feature_dim=D, grid=grid, n_voxels=V, query_mode="voxels",
+    elif args.model == "voxels":  # no query set: one query per voxel
+        model = create_model("routing_encoder_voxels", feature_dim=D, grid=grid, n_voxels=V,
                              routing_backend=args.backend)
     else:
-        model = create_model("routing_encoder", feature_dim=D, grid=grid, n_voxels=V, query_mode="voxels",
+        model = create_model("routing_encoder_voxels", feature_dim=D, grid=grid, n_voxels=V,
                              voxel_variant="full", voxel_chunk=args.chunk)
     model.to(dev).train()
     n_params = sum(p.numel() for p in model.parameters())

@@ -1,4 +1,5 @@
 """Evidence tests for the routing encoder model (tiny CPU sizes)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -7,19 +8,19 @@ import torch
 from torch import nn
 
 from brainenc.exceptions import ConfigError
+import brainenc.models.routing_encoder as routing_module
 from brainenc.models import (
     MODELS,
     DecoderLayer,
     GroupedReadout,
+    RoutingArchitecture,
     RoutingEncoderModel,
-    RoutingModelConfig,
     build_query_set,
     create_model,
     dense_readout_reference,
-    routing_attention_einsum,
     sine_2d,
-    voxel_routing,
 )
+from brainenc.ops import list_backends, routing_attention
 
 V, N, F, GRID = 24, 12, 20, (3, 4)
 
@@ -31,16 +32,14 @@ def _labels(seed=0):
             np.array(["lh"] * 12 + ["rh"] * 12))
 
 
-def _model(kind="rois", combine="sum", **kw):
+def _model(kind="rois", combine="sum", feature_dim=F, **kw):
     labels, names, hemi = _labels()
     qs = build_query_set(kind, V, roi_labels=labels, roi_names=names, hemi=hemi, combine=combine,
-                         clusters=np.arange(V) % 5 - 1)
+                         clusters=np.arange(V) % 5 - 1)  # None for kind="voxels": one query per voxel
     torch.manual_seed(0)
-    cfg = dict(feature_dim=F, grid=GRID, n_voxels=V, d_model=16, n_heads=4, d_ffn=32, dropout=0.0)
-    cfg.update(kw)
-    if kind == "voxels":
-        cfg["query_mode"] = "voxels"
-    return create_model("routing_encoder", cfg, qs), qs
+    arch = dict(d_model=16, n_heads=4, d_ffn=32, dropout=0.0)
+    arch.update(kw)
+    return create_model("routing_encoder", arch, qs, feature_dim=feature_dim, grid=GRID, n_voxels=V), qs
 
 
 def test_query_set_rois_names_membership_and_rules():
@@ -99,7 +98,7 @@ def test_voxel_full_variant_chunking_is_exact():
     model, _ = _model("voxels", voxel_variant="full", voxel_chunk=5, n_layers=2)
     x = torch.randn(2, N, F)
     y_chunked = model(x)
-    model.config.voxel_chunk = V
+    model.arch.voxel_chunk = V
     torch.testing.assert_close(model(x), y_chunked, rtol=1e-5, atol=1e-6)
 
 
@@ -227,20 +226,73 @@ def test_sine_code_matches_formula():
         assert abs(grid[i, j, half + c].item() - trig(x / f)) < 1e-6
 
 
-def test_voxel_routing_matches_ops_reference_and_model_uses_it():
-    torch.manual_seed(4)
-    H, Vv, P, D, B = 2, 11, 6, 8, 3
-    q, w = torch.randn(H, Vv, D, dtype=torch.float64), torch.randn(H, Vv, D, dtype=torch.float64)
-    k, v = torch.randn(B, H, P, D, dtype=torch.float64), torch.randn(B, H, P, D, dtype=torch.float64)
-    c = torch.randn(Vv, dtype=torch.float64)
-    ours = routing_attention_einsum(q, k, v, w, c, chunk=4)
-    # naive definition, written out
-    a = torch.softmax(torch.einsum("hvd,bhpd->bhvp", q, k) / math.sqrt(D), -1)
-    naive = torch.einsum("bhvd,hvd->bv", torch.einsum("bhvp,bhpd->bhvd", a, v), w) + c
-    torch.testing.assert_close(ours, naive, rtol=1e-12, atol=1e-12)
-    pytest.importorskip("brainenc.ops")
-    torch.testing.assert_close(voxel_routing(q, k, v, w, c, backend="reference"), naive, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(voxel_routing(q, k, v, w, c, backend="auto"), naive, rtol=1e-10, atol=1e-10)
+def _naive_routing(q, k, v, w, c):
+    a = torch.softmax(torch.einsum("hvd,bhpd->bhvp", q, k) / math.sqrt(q.shape[-1]), -1)
+    return torch.einsum("bhvd,hvd->bv", torch.einsum("bhvp,bhpd->bhvd", a, v), w) + c
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "sdpa", "chunked"])
+def test_voxel_routing_model_is_the_ops_op_with_its_backend(backend, monkeypatch):
+    """The routing voxel model is routing_attention(q, k, v, w, c) on its own projections, with
+    ``routing_backend`` passed through, and equals the routing formula written out."""
+    model, _ = _model("voxels", routing_backend=backend)
+    model.double()
+    x = torch.randn(3, N, F, dtype=torch.float64)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return routing_attention(*args, **kwargs)
+
+    monkeypatch.setattr(routing_module, "routing_attention", spy)
+    y = model(x)
+    assert calls == [{"backend": backend}]
+    k, v = model.kv.project_kv(*model.memory(x))
+    naive = _naive_routing(model.voxel_query, k, v, model.voxel_weight, model.voxel_bias)
+    torch.testing.assert_close(y, naive, rtol=1e-10, atol=1e-12)
+    # gradients flow through the op's backward to every routing parameter
+    y.sum().backward()
+    for name in ("voxel_query", "voxel_weight", "voxel_bias", "kv.k_proj.weight"):
+        assert torch.count_nonzero(model.get_parameter(name).grad) > 0, name
+
+
+def test_routing_backend_is_validated_against_the_ops_registry():
+    assert set(list_backends("routing_attention")) >= {"reference", "sdpa", "chunked"}
+    RoutingArchitecture(routing_backend="chunked").check()
+    with pytest.raises(ConfigError, match="'routing_backend' must be one of"):
+        RoutingArchitecture(routing_backend="einsum").check()  # the removed built-in path
+
+
+def test_architecture_check_only_validates():
+    for arch in (RoutingArchitecture(), RoutingArchitecture(d_model=16, n_heads=4, input_proj=None, positional="none"),
+                 RoutingArchitecture(voxel_variant="full", voxel_chunk=3, value_proj=False)):
+        before = dataclasses.asdict(arch)
+        arch.check()
+        assert dataclasses.asdict(arch) == before
+    for bad, match in (({"n_heads": 5}, "divisible by 'n_heads'"), ({"d_model": 6, "n_heads": 2}, "divisible by 4"),
+                       ({"dropout": 1.0}, "'dropout'"), ({"n_layers": 0}, "'n_layers'"),
+                       ({"voxel_variant": "fast"}, "'voxel_variant'")):
+        with pytest.raises(ConfigError, match=match):
+            RoutingArchitecture(**bad).check()
+
+
+def test_data_sizes_are_model_arguments():
+    arch = RoutingArchitecture(d_model=8, n_heads=2, d_ffn=16)
+    qs = build_query_set("hemis", V, hemi=_labels()[2])
+    m = RoutingEncoderModel(arch, feature_dim=F, grid=GRID, n_voxels=V, query_set=qs)
+    assert (m.query_mode, m.n_queries, m.grid, m.feature_dim, m.n_tokens) == ("grouped", 2, GRID, F, N)
+    assert RoutingEncoderModel(arch, feature_dim=F, grid=GRID, n_voxels=V).query_mode == "voxels"
+    with pytest.raises(ConfigError, match="'grid'"):
+        RoutingEncoderModel(arch, feature_dim=F, grid=(3, 0), n_voxels=V)
+    with pytest.raises(ConfigError, match="'feature_dim'"):
+        RoutingEncoderModel(arch, feature_dim=0, grid=GRID, n_voxels=V)
+    with pytest.raises(ConfigError, match="'query_set' has 24 voxels but 'n_voxels' is 5"):
+        RoutingEncoderModel(arch, feature_dim=F, grid=GRID, n_voxels=5, query_set=qs)
+    with pytest.raises(ConfigError, match="value_proj=False needs feature_dim == d_model"):
+        RoutingEncoderModel(dataclasses.replace(arch, value_proj=False, input_proj=False), feature_dim=F, grid=GRID,
+                            n_voxels=V, query_set=qs)
+    with pytest.raises(ConfigError, match="'query_set' must be None"):
+        create_model("routing_encoder_voxels", feature_dim=F, grid=GRID, n_voxels=V, query_set=qs)
 
 
 def test_value_proj_off_input_proj_and_registry():
@@ -250,9 +302,9 @@ def test_value_proj_off_input_proj_and_registry():
     same, _ = _model("hemis", feature_dim=16)
     assert isinstance(same.input_proj, nn.Identity)
     assert {"routing_encoder", "routing_encoder_tiny", "routing_encoder_voxels"} <= set(MODELS.list())
-    with pytest.raises(ConfigError, match="unknown key"):
-        create_model("routing_encoder", {"d_modle": 8})
+    with pytest.raises(ConfigError, match="unknown key 'd_modle'"):
+        create_model("routing_encoder", {"d_modle": 8}, feature_dim=F, grid=GRID, n_voxels=V)
     with pytest.raises(ConfigError, match="self_attn"):
-        RoutingEncoderModel(RoutingModelConfig(n_voxels=4, query_mode="voxels", query_self_attn=True))
+        RoutingEncoderModel(RoutingArchitecture(query_self_attn=True), feature_dim=8, grid=(2, 2), n_voxels=4)
     with pytest.raises(ConfigError, match="tokens must have shape"):
         model(torch.randn(2, N + 1, F))
