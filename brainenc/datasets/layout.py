@@ -125,9 +125,16 @@ def simulation_manifest(root: Path) -> dict | None:
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
+        man = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{p}: not a text file (byte {exc.start} is not UTF-8)") from None
     except json.JSONDecodeError as exc:
         raise DataFormatError(f"{p}: invalid JSON ({exc.msg})") from None
+    except OSError as exc:
+        raise DataFormatError(f"{p}: cannot read the file ({exc.strerror or exc})") from None
+    if not isinstance(man, dict) or not isinstance(man.get("subjects", {}), dict):
+        raise DataFormatError(f"{p}: must be a JSON object with a 'subjects' table (rerun brainenc simulate)")
+    return man
 
 
 def n_sessions(root: Path, subject: str) -> int:
@@ -137,6 +144,10 @@ def n_sessions(root: Path, subject: str) -> int:
     if man is not None:
         subs = man.get("subjects", {})
         if subject in subs:
-            return int(subs[subject]["n_sessions"])
+            n = subs[subject].get("n_sessions") if isinstance(subs[subject], dict) else None
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 40:
+                raise DataFormatError(f"{Path(root) / SIMULATION_MANIFEST}: subjects.{subject}.n_sessions must be an "
+                                      f"integer in 1..40; found {n!r} (rerun brainenc simulate)")
+            return n
     check_option("subject", subject, SUBJECTS)
     return N_SESSIONS[subject]

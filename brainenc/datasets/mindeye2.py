@@ -71,11 +71,18 @@ def load_mindeye2(root: str | Path, subject: str = "subj01", repeats: str = "sin
             if subject not in f:
                 raise DataFormatError(f"{ipath}: dataset '{subject}' not found; found {sorted(f.keys())}")
             ids_all = np.asarray(f[subject][:])
+    except DataFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - h5py raises OSError, KeyError, TypeError, ... on bad files
+        raise DataFormatError(f"{ipath}: not a readable HDF5 file ({type(exc).__name__}: {exc})") from None
+    if ids_all.ndim != 1:
+        raise DataFormatError(f"{ipath}: '{subject}' must be 1-D (one 73k id per trial); found shape {ids_all.shape}")
+    try:
         with h5py.File(bpath, "r") as f:
             if "betas" not in f:
                 raise DataFormatError(f"{bpath}: dataset 'betas' not found; found {sorted(f.keys())}")
             ds = f["betas"]
-            if ds.ndim != 2 or ds.dtype != np.float32:
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.dtype != np.float32:
                 raise DataFormatError(f"{bpath}: 'betas' must be float32 (n_trials, n_voxels); found {ds.dtype} {ds.shape}")
             n_t, n_vox = ds.shape
             if n_t % layout.TRIALS_PER_SESSION or ids_all.shape[0] < n_t:
@@ -109,8 +116,10 @@ def load_mindeye2(root: str | Path, subject: str = "subj01", repeats: str = "sin
                 responses = (sums / counts[:, None]).astype(np.float32)
                 image_ids, n_rep, global_trials = uniq, counts.astype(np.int64), None
                 test_rows = shared[uniq]
-    except OSError as exc:
-        raise DataFormatError(f"{bpath}: not a readable HDF5 file ({exc})") from None
+    except DataFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt files: OSError, KeyError, ValueError, ...
+        raise DataFormatError(f"{bpath}: not a readable HDF5 file ({type(exc).__name__}: {exc})") from None
     if not np.isfinite(responses).all():
         raise DataFormatError(f"{bpath}: betas contain {int((~np.isfinite(responses)).sum())} NaN/inf values")
     geometry: dict = {"space": "func1pt8mm", "indices": None}

@@ -17,7 +17,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -42,9 +42,23 @@ __all__ = [
     "parse_ctab",
     "read_ctab",
     "load_ncsnr",
+    "check_ncsnr_values",
+    "VolumeGrid",
+    "affine_mismatch",
 ]
 
 _MGH_HEADER_BYTES = 284
+#: affines of files on the same grid may differ by this fraction of a voxel (float32 sform/qform storage
+#: rounds at ~1e-5 mm; any real misregistration is far larger)
+AFFINE_TOL_VOXELS = 1e-3
+
+
+def _short(exc: BaseException) -> str:
+    """``Type: message`` on one line (library messages can span lines)."""
+    msg = " ".join(str(exc).split())
+    if len(msg) > 200:
+        msg = msg[:197] + "..."
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,9 +86,14 @@ class Expdesign:
     path: Path
 
 
+_EXPDESIGN_FIELDS = ("masterordering", "subjectim", "sharedix")
+
+
 def _mat_field(mat: dict, key: str, shape: tuple[int, ...], lo: int, hi: int, path: Path) -> np.ndarray:
     if key not in mat:
         raise DataFormatError(f"{path}: missing field '{key}'; expected masterordering, subjectim, sharedix")
+    if isinstance(mat[key], str):  # scipy turns a MatReadError into a "Read error: ..." string
+        raise DataFormatError(f"{path}: field '{key}' is unreadable ({mat[key]})")
     arr = np.asarray(mat[key])
     if arr.shape != shape:
         raise DataFormatError(f"{path}: field '{key}' must have shape {shape}; found {arr.shape}")
@@ -82,15 +101,39 @@ def _mat_field(mat: dict, key: str, shape: tuple[int, ...], lo: int, hi: int, pa
         raise DataFormatError(f"{path}: field '{key}' must be numeric; found dtype {arr.dtype}")
     if arr.dtype.kind == "f" and (not np.isfinite(arr).all() or (arr != np.rint(arr)).any()):
         raise DataFormatError(f"{path}: field '{key}' must hold integers; found non-integer values")
-    out = arr.astype(np.int64)
-    if out.size and (out.min() < lo or out.max() > hi):
+    if arr.size and (arr.min() < lo or arr.max() > hi):  # before the cast: huge values would wrap
+        fmt = (lambda v: f"{v:g}") if arr.dtype.kind == "f" else str
         raise DataFormatError(f"{path}: field '{key}' values must lie in [{lo}, {hi}] (1-based); "
-                              f"found [{out.min()}, {out.max()}]")
-    return out
+                              f"found [{fmt(arr.min())}, {fmt(arr.max())}]")
+    return arr.astype(np.int64)
+
+
+def _check_shared(path: Path, subjectim: np.ndarray, sharedix: np.ndarray) -> None:
+    """nsd_format §1.1: ``sharedix`` ascending and ``sharedix[k] == subjectim[s, k]`` for k < 1000, every s.
+
+    Both arrays are compared as stored (1-based 73k ids); slots are reported 1-based like the file's.
+    """
+    steps = np.diff(sharedix)
+    if (steps <= 0).any():
+        k = int(np.argmax(steps <= 0))
+        raise DataFormatError(f"{path}: 'sharedix' must be strictly ascending (the shared1000 73k ids); "
+                              f"entries {k + 1} and {k + 2} are {sharedix[k]} and {sharedix[k + 1]} "
+                              "(re-download nsd_expdesign.mat)")
+    bad = subjectim[:, :layout.N_SHARED] != sharedix[None, :]
+    if bad.any():
+        s, k = (int(v) for v in np.argwhere(bad)[0])
+        raise DataFormatError(
+            f"{path}: 'sharedix' disagrees with subjectim[:, :1000] (slots 1..1000 are the shared images of "
+            f"every subject) in {int(bad.sum())} of {bad.size} entries, first subj{s + 1:02d} slot {k + 1}: "
+            f"sharedix {sharedix[k]} vs subjectim {subjectim[s, k]} (1-based 73k ids) "
+            "(the file is corrupt or not NSD's design; re-download nsd_expdesign.mat)")
 
 
 def load_expdesign(path: str | Path) -> Expdesign:
     """Read ``nsd_expdesign.mat`` (a path to the file, or an NSD root).
+
+    The file's structure is checked in pure Python first (:func:`brainenc.datasets._mat5.check_mat5`):
+    scipy's compiled reader can crash the interpreter on some corrupt files.
 
     Parameters
     ----------
@@ -105,24 +148,40 @@ def load_expdesign(path: str | Path) -> Expdesign:
     Raises
     ------
     DataFormatError
-        Missing/unreadable file, missing field, wrong shape, or values outside the 1-based ranges
-        (73k ids in 1..73000, slots in 1..10000).
+        Missing/unreadable file, missing field, wrong shape, values outside the 1-based ranges
+        (73k ids in 1..73000, slots in 1..10000), a slot not listed exactly 3 times in ``masterordering``
+        (nsd_format §8), ``sharedix`` not strictly ascending or not equal to ``subjectim[s, :1000]`` for
+        every subject (nsd_format §1.1).
     """
+    import warnings
+
     import scipy.io
+
+    from brainenc.datasets._mat5 import check_mat5
 
     p = Path(path)
     if p.is_dir():
         p = layout.expdesign_path(p)
     if not p.is_file():
         raise DataFormatError(f"{p}: experimental design file not found")
+    check_mat5(p, deep=set(_EXPDESIGN_FIELDS))
     try:
-        mat = scipy.io.loadmat(p)
-    except (ValueError, OSError, TypeError, NotImplementedError) as exc:
-        raise DataFormatError(f"{p}: not a readable MATLAB v5 .mat file ({exc})") from None
-    mo = _mat_field(mat, "masterordering", (1, 30000), 1, layout.N_SLOTS_10K, p)[0] - 1
-    si = _mat_field(mat, "subjectim", (8, layout.N_SLOTS_10K), 1, layout.N_IMAGES_73K, p) - 1
-    sh = _mat_field(mat, "sharedix", (1, layout.N_SHARED), 1, layout.N_IMAGES_73K, p)[0] - 1
-    return Expdesign(masterordering=mo, subjectim=si, sharedix=sh, path=p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # duplicate names / unreadable variables: judged below
+            mat = scipy.io.loadmat(p, variable_names=list(_EXPDESIGN_FIELDS))
+    except Exception as exc:  # noqa: BLE001 - scipy raises many types for corrupt files
+        raise DataFormatError(f"{p}: not a readable MATLAB v5 .mat file ({type(exc).__name__}: {exc})") from None
+    mo = _mat_field(mat, "masterordering", (1, 30000), 1, layout.N_SLOTS_10K, p)[0]
+    si = _mat_field(mat, "subjectim", (8, layout.N_SLOTS_10K), 1, layout.N_IMAGES_73K, p)
+    sh = _mat_field(mat, "sharedix", (1, layout.N_SHARED), 1, layout.N_IMAGES_73K, p)[0]
+    counts = np.bincount(mo, minlength=layout.N_SLOTS_10K + 1)[1:]
+    if (counts != 3).any():
+        k = int(np.argmax(counts != 3))
+        raise DataFormatError(f"{p}: 'masterordering' must list every 10k slot exactly 3 times (10000 slots x 3 = "
+                              f"30000 trials); slot {k + 1} appears {counts[k]} times "
+                              f"({int((counts != 3).sum())} slots differ; re-download nsd_expdesign.mat)")
+    _check_shared(p, si, sh)
+    return Expdesign(masterordering=mo - 1, subjectim=si - 1, sharedix=sh - 1, path=p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,9 +311,13 @@ class NSDStimuli:
                 if self.key not in f:
                     raise DataFormatError(f"{self.path}: dataset '{self.key}' not found; found {sorted(f.keys())}")
                 ds = f[self.key]
-                shape, dtype = tuple(ds.shape), ds.dtype
-        except OSError as exc:
-            raise DataFormatError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+                if not isinstance(ds, h5py.Dataset):
+                    raise DataFormatError(f"{self.path}: '{self.key}' is a group, not a dataset")
+                shape, dtype = tuple(ds.shape or ()), ds.dtype
+        except DataFormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - h5py raises OSError, KeyError, ValueError, ... on bad files
+            raise DataFormatError(f"{self.path}: not a readable HDF5 file ({_short(exc)})") from None
         if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8:
             raise DataFormatError(f"{self.path}: '{self.key}' must be uint8 (N, H, W, 3); found {dtype} {shape}")
         return shape, dtype
@@ -298,8 +361,10 @@ class NSDStimuli:
         try:
             with h5py.File(self.path, "r") as f:
                 block = read_runs(f[self.key], uniq)
-        except OSError as exc:
-            raise DataFormatError(f"{self.path}: failed to read images ({exc})") from None
+        except DataFormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - corrupt chunks: OSError, ValueError, ...
+            raise DataFormatError(f"{self.path}: failed to read images ({_short(exc)})") from None
         return block[inverse.reshape(-1)]
 
 
@@ -311,8 +376,11 @@ def _is_gzip(path: Path) -> bool:
         return fh.read(2) == b"\x1f\x8b"
 
 
-def _check_payload_size(path: Path, offset: int, nbytes: int, what: str) -> None:
-    """Cheap truncation check: file size (plain) or the gzip ISIZE trailer (compressed)."""
+def _check_payload_size(path: Path, offset: int, nbytes: int, what: str, exact: bool = True) -> None:
+    """Cheap truncation check: file size (plain) or the gzip ISIZE trailer (compressed).
+
+    ``exact=False`` allows bytes after the payload (MGH files may end with optional tags).
+    """
     size = path.stat().st_size
     if _is_gzip(path):
         if size < 18:
@@ -321,7 +389,8 @@ def _check_payload_size(path: Path, offset: int, nbytes: int, what: str) -> None
             fh.seek(-4, os.SEEK_END)
             isize = struct.unpack("<I", fh.read(4))[0]
         expected = (offset + nbytes) % (1 << 32)
-        if isize != expected:
+        short = (isize != expected) if exact else (offset + nbytes < (1 << 32) and isize < expected)
+        if short:
             raise DataFormatError(f"{path}: truncated or corrupt gzip {what}: expected {offset + nbytes} "
                                   f"uncompressed bytes (mod 2^32 = {expected}), trailer says {isize}")
     elif size < offset + nbytes:
@@ -352,8 +421,10 @@ def _stream_fortran(path: Path, offset: int, dtype: np.dtype, vol_size: int, n_t
                                           f"{t0}..{t0 + k - 1}; found {len(buf)}")
                 block = np.frombuffer(buf, dtype=dtype).reshape(k, vol_size)
                 yield t0, (block if flat_index is None else block[:, flat_index])
-    except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as exc:
-        raise DataFormatError(f"{path}: corrupt or truncated file ({type(exc).__name__}: {exc})") from None
+    except DataFormatError:
+        raise
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise DataFormatError(f"{path}: corrupt or truncated file ({_short(exc)})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,31 +441,47 @@ class BetasHeader:
     offset: int = 0
     slope: float = 1.0
     inter: float = 0.0
+    affine: Optional[np.ndarray] = None  # NIfTI only: voxel -> mm, (4, 4) float64
 
 
 def _nifti_header(path: Path) -> BetasHeader:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        with np.errstate(all="ignore"):  # corrupt headers overflow in nibabel's arithmetic
+            img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise DataFormatError(f"{path}: not a NIfTI file (nibabel read it as {type(img).__name__})")
+        hdr = img.header
+        slope, inter = hdr.get_slope_inter()
+        out = BetasHeader(path=path, kind="nifti", shape=tuple(int(s) for s in img.shape),
+                          dtype=np.dtype(hdr.get_data_dtype()), offset=int(img.dataobj.offset),
+                          slope=1.0 if slope is None else float(slope),
+                          inter=0.0 if inter is None else float(inter),
+                          affine=np.asarray(img.affine, dtype=np.float64))
+    except DataFormatError:
+        raise
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
-        raise DataFormatError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
-    hdr = img.header
-    slope, inter = hdr.get_slope_inter()
-    return BetasHeader(path=path, kind="nifti", shape=tuple(int(s) for s in img.shape),
-                       dtype=hdr.get_data_dtype(), offset=int(img.dataobj.offset),
-                       slope=1.0 if slope is None else float(slope), inter=0.0 if inter is None else float(inter))
+        raise DataFormatError(f"{path}: not a readable NIfTI file ({_short(exc)})") from None
+    if not np.isfinite(out.affine).all():
+        raise DataFormatError(f"{path}: NIfTI affine has NaN/inf entries (corrupt header)")
+    return out
 
 
 def _mgh_header(path: Path) -> BetasHeader:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        with np.errstate(all="ignore"):  # corrupt headers overflow in nibabel's arithmetic
+            img = nib.load(str(path))
+        if not isinstance(img, nib.MGHImage):
+            raise DataFormatError(f"{path}: not an MGH file (nibabel read it as {type(img).__name__})")
+        return BetasHeader(path=path, kind="mgh", shape=tuple(int(s) for s in img.shape),
+                           dtype=np.dtype(img.header.get_data_dtype()), offset=_MGH_HEADER_BYTES)
+    except DataFormatError:
+        raise
     except Exception as exc:  # noqa: BLE001
-        raise DataFormatError(f"{path}: not a readable MGH file ({type(exc).__name__}: {exc})") from None
-    return BetasHeader(path=path, kind="mgh", shape=tuple(int(s) for s in img.shape),
-                       dtype=img.header.get_data_dtype(), offset=_MGH_HEADER_BYTES)
+        raise DataFormatError(f"{path}: not a readable MGH file ({_short(exc)})") from None
 
 
 def check_betas_file(path: str | Path, *, kind: str, shape: tuple[int, ...] | None = None,
@@ -433,14 +520,18 @@ def check_betas_file(path: str | Path, *, kind: str, shape: tuple[int, ...] | No
                 if "betas" not in f:
                     raise DataFormatError(f"{path}: dataset 'betas' not found; found {sorted(f.keys())}")
                 ds = f["betas"]
-                hshape, hdtype = tuple(ds.shape), ds.dtype
-        except OSError as exc:
-            raise DataFormatError(f"{path}: not a readable HDF5 file ({exc})") from None
+                if not isinstance(ds, h5py.Dataset):
+                    raise DataFormatError(f"{path}: 'betas' is a group, not a dataset")
+                hshape, hdtype = tuple(ds.shape or ()), ds.dtype
+        except DataFormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - h5py raises OSError, KeyError, ValueError, ... on bad files
+            raise DataFormatError(f"{path}: not a readable HDF5 file ({_short(exc)})") from None
         want = None if shape is None else (n_trials,) + tuple(shape)[::-1]
         if len(hshape) != 4 or hshape[0] != n_trials or (want is not None and hshape != want):
             exp = want if want is not None else f"({n_trials}, Z, Y, X)"
             raise DataFormatError(f"{path}: 'betas' must have h5py shape {exp} (axes reversed from NIfTI); found {hshape}")
-        if (hdtype.kind, hdtype.itemsize) != ("i", 2):
+        if (hdtype.kind, hdtype.itemsize) != ("i", 2) or hdtype.fields is not None:
             raise DataFormatError(f"{path}: 'betas' must be int16 (PSC x 300); found {hdtype}")
         return BetasHeader(path=path, kind="hdf5", shape=hshape, dtype=hdtype)
     hdr = _nifti_header(path) if kind == "nifti" else _mgh_header(path)
@@ -456,7 +547,8 @@ def check_betas_file(path: str | Path, *, kind: str, shape: tuple[int, ...] | No
             raise DataFormatError(f"{path}: fsaverage betas must have shape {want or f'(V, 1, 1, {n_trials})'}; found {hdr.shape}")
         if (hdr.dtype.kind, hdr.dtype.itemsize) != ("f", 4):
             raise DataFormatError(f"{path}: fsaverage betas must be float32 PSC; found {hdr.dtype}")
-    _check_payload_size(path, hdr.offset, int(np.prod(hdr.shape)) * hdr.dtype.itemsize, "betas")
+    _check_payload_size(path, hdr.offset, int(np.prod(hdr.shape)) * hdr.dtype.itemsize, "betas",
+                        exact=kind == "nifti")
     return hdr
 
 
@@ -537,8 +629,10 @@ def _read_hdf5_session(header: BetasHeader, select: np.ndarray | None, slab: int
                 block = ds[:, k0:k1, :, :]  # (T, k, Y, X): h5[t, k, j, i] == nii[i, j, k, t]
                 vals = block[:, sel[rows, 2] - k0, sel[rows, 1], sel[rows, 0]]
                 out[:, rows] = vals.astype(np.float32) / np.float32(300.0)
-    except OSError as exc:
-        raise DataFormatError(f"{header.path}: corrupt HDF5 betas ({exc})") from None
+    except DataFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt chunks: OSError, ValueError, ...
+        raise DataFormatError(f"{header.path}: corrupt HDF5 betas ({_short(exc)})") from None
     return out
 
 
@@ -574,51 +668,145 @@ def read_betas_session(path: str | Path, *, kind: str, select: np.ndarray | None
 # ----------------------------------------------------------------------------------------------
 # volumes, ROIs, label tables, ncsnr
 # ----------------------------------------------------------------------------------------------
-def load_volume(path: str | Path, shape: tuple[int, int, int] | None = None, what: str = "volume"):
+@dataclasses.dataclass(frozen=True)
+class VolumeGrid:
+    """The voxel grid every volume of a prepare must share: shape, affine and the file they come from.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        (X, Y, Z), nibabel order.
+    affine : ndarray of float64, shape (4, 4), or None
+        voxel -> mm; None when the reference has none (HDF5 betas): the first NIfTI read then sets it.
+    path : Path
+        File the shape was read from (the first betas file; named in mismatch errors).
+    affine_path : Path or None
+        File the affine was read from, when not ``path`` (HDF5 betas: the first NIfTI read).
+    """
+
+    shape: tuple
+    affine: Optional[np.ndarray]
+    path: Path
+    affine_path: Optional[Path] = None
+
+
+def affine_mismatch(affine: np.ndarray, ref: np.ndarray, tol_voxels: float = AFFINE_TOL_VOXELS) -> str | None:
+    """Why ``affine`` and ``ref`` are not the same grid placement (None when they are).
+
+    Entries may differ by ``tol_voxels`` × the reference voxel size (mm): voxel axes and origin alike.
+    """
+    a, r = np.asarray(affine, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    vox = float(np.linalg.norm(r[:3, :3], axis=0).min()) or 1.0
+    tol = tol_voxels * vox
+    diff = np.abs(a[:3, :] - r[:3, :])
+    if diff.max() <= tol and np.array_equal(a[3], r[3]):
+        return None
+    fmt = lambda v: "[" + " ".join(f"{x:.4g}" for x in v) + "]"  # noqa: E731
+    parts = []
+    if diff[:, :3].max() > tol:
+        parts.append(f"voxel axes {fmt(a[:3, :3].ravel())} vs {fmt(r[:3, :3].ravel())}")
+    if diff[:, 3].max() > tol:
+        parts.append(f"origin {fmt(a[:3, 3])} vs {fmt(r[:3, 3])} mm")
+    if not parts:
+        parts.append(f"last row {fmt(a[3])} vs {fmt(r[3])}")
+    return f"{'; '.join(parts)}, max difference {diff.max():.4g} mm (tolerance {tol:.2g} mm)"
+
+
+def _volume_header(p: Path, what: str):
+    """nibabel image of a NIfTI volume with its payload size checked (no data read yet)."""
+    import nibabel as nib
+
+    try:
+        with np.errstate(all="ignore"):  # corrupt headers overflow in nibabel's arithmetic
+            img = nib.load(str(p))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise DataFormatError(f"{p}: {what} is not a NIfTI file (nibabel read it as {type(img).__name__})")
+        shape = tuple(int(x) for x in img.shape)
+        dtype = np.dtype(img.header.get_data_dtype())
+        offset = int(img.dataobj.offset)
+    except DataFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
+        raise DataFormatError(f"{p}: not a readable NIfTI {what} ({_short(exc)})") from None
+    n_vox = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    if n_vox > (1 << 31):
+        raise DataFormatError(f"{p}: {what} header claims shape {shape} ({n_vox} voxels; corrupt header?)")
+    _check_payload_size(p, offset, n_vox * dtype.itemsize, what)
+    return img
+
+
+def load_volume(path: str | Path, shape: tuple[int, int, int] | None = None, what: str = "volume",
+                grid: VolumeGrid | None = None):
     """Load a 3-D NIfTI (mask, ROI, ncsnr) fully, validated.
+
+    Parameters
+    ----------
+    path : str or Path
+    shape : tuple of int, optional
+        Expected (X, Y, Z) (ignored when ``grid`` is given).
+    what : str
+        Used in messages (``"brainmask"``, ``"'nsdgeneral' ROI volume"``, ...).
+    grid : VolumeGrid, optional
+        The betas' grid: shape and affine must match it (:func:`affine_mismatch`); errors name both files.
 
     Returns
     -------
     data : ndarray of float64, shape (X, Y, Z)
     affine : ndarray of float64, shape (4, 4)
     """
-    import nibabel as nib
-
     p = Path(path)
     if not p.is_file():
         raise DataFormatError(f"{p}: {what} file not found")
+    img = _volume_header(p, what)
+    vshape = tuple(int(x) for x in img.shape)
+    if len(vshape) == 4 and vshape[3] == 1:
+        vshape = vshape[:3]
+    if len(vshape) != 3:
+        raise DataFormatError(f"{p}: {what} must be 3-D (X, Y, Z); found shape {vshape}")
+    want = grid.shape if grid is not None else shape
+    if want is not None and vshape != tuple(want):
+        of = f" of {grid.path}" if grid is not None else ""
+        raise DataFormatError(f"{p}: {what} grid {vshape} does not match the betas grid {tuple(want)}{of} "
+                              "(use the file from the same subject and space folder)")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise DataFormatError(f"{p}: {what} NIfTI affine has NaN/inf entries (corrupt header)")
+    if grid is not None and grid.affine is not None:
+        why = affine_mismatch(affine, grid.affine)
+        if why is not None:
+            raise DataFormatError(f"{p}: {what} affine differs from that of {grid.affine_path or grid.path}: {why}; "
+                                  "its voxel indices would pick other places (use the file from the same subject "
+                                  "and space folder)")
     try:
-        img = nib.load(str(p))
-        data = np.asarray(img.get_fdata(dtype=np.float64))
-    except Exception as exc:  # noqa: BLE001
-        raise DataFormatError(f"{p}: not a readable NIfTI {what} ({type(exc).__name__}: {exc})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataFormatError(f"{p}: {what} must be 3-D (X, Y, Z); found shape {data.shape}")
-    if shape is not None and tuple(data.shape) != tuple(shape):
-        raise DataFormatError(f"{p}: {what} grid {tuple(data.shape)} does not match the betas grid {tuple(shape)}")
-    return data, np.asarray(img.affine, dtype=np.float64)
+        with np.errstate(all="ignore"):  # odd scl_slope/inter give NaN/inf, judged by the callers' checks
+            data = np.asarray(img.get_fdata(dtype=np.float64)).reshape(vshape)
+    except Exception as exc:  # noqa: BLE001 - corrupt payloads: zlib.error, OSError, EOFError, ValueError
+        raise DataFormatError(f"{p}: not a readable NIfTI {what} ({_short(exc)})") from None
+    return data, affine
 
 
 def _as_labels(data: np.ndarray, path: Path, what: str) -> np.ndarray:
     finite = np.isfinite(data)
     if not finite.all():
         raise DataFormatError(f"{path}: {what} contains {int((~finite).sum())} NaN/inf values")
+    if data.size and np.abs(data).max() >= 2 ** 31:
+        raise DataFormatError(f"{path}: {what} labels must be -1, 0 or positive integers; found "
+                              f"{data.flat[np.argmax(np.abs(data))]:g}")
     lab = np.rint(data).astype(np.int64)
     if lab.size and lab.min() < -1:
         raise DataFormatError(f"{path}: {what} labels must be -1, 0 or positive integers; found minimum {lab.min()}")
     return lab
 
 
-def load_roi_volume(path: str | Path, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+def load_roi_volume(path: str | Path, shape: tuple[int, int, int] | None = None,
+                    grid: VolumeGrid | None = None) -> np.ndarray:
     """Volume ROI as integer labels (−1 = not cortex, 0 = unlabelled, k > 0 = label), compared after rint.
 
     Returns
     -------
     ndarray of int64, shape (X, Y, Z)
     """
-    data, _ = load_volume(path, shape, what="ROI volume")
+    data, _ = load_volume(path, shape, what="ROI volume", grid=grid)
     return _as_labels(data, Path(path), "ROI volume")
 
 
@@ -630,15 +818,21 @@ def load_surface_values(path: str | Path, n_vertices: int | None = None, what: s
     if not p.is_file():
         raise DataFormatError(f"{p}: {what} not found")
     try:
-        img = nib.load(str(p))
+        with np.errstate(all="ignore"):  # corrupt headers overflow in nibabel's arithmetic
+            img = nib.load(str(p))
+        if not isinstance(img, nib.MGHImage):
+            raise DataFormatError(f"{p}: {what} is not an MGH file (nibabel read it as {type(img).__name__})")
         shape = tuple(int(s) for s in img.shape)
         if len(shape) < 1 or any(s != 1 for s in shape[1:]):
             raise DataFormatError(f"{p}: {what} must have nibabel shape (V, 1, 1); found {shape}")
-        data = np.asarray(img.get_fdata(dtype=np.float64)).reshape(-1)
+        _check_payload_size(p, _MGH_HEADER_BYTES, shape[0] * np.dtype(img.header.get_data_dtype()).itemsize, what,
+                            exact=False)
+        with np.errstate(all="ignore"):
+            data = np.asarray(img.get_fdata(dtype=np.float64)).reshape(-1)
     except DataFormatError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise DataFormatError(f"{p}: not a readable MGH {what} ({type(exc).__name__}: {exc})") from None
+        raise DataFormatError(f"{p}: not a readable MGH {what} ({_short(exc)})") from None
     if n_vertices is not None and data.shape[0] != n_vertices:
         raise DataFormatError(f"{p}: {what} has {data.shape[0]} vertices; the betas have {n_vertices}")
     return data
@@ -656,6 +850,11 @@ def parse_ctab(text: str, source: str = "ctab") -> dict[int, str]:
     -------
     dict of int -> str
         Includes ``0: 'Unknown'`` when present in the file.
+
+    Raises
+    ------
+    DataFormatError
+        A line that is not ``<int> <name>``, a name with control characters, or a label listed twice.
     """
     table: dict[int, str] = {}
     for n, line in enumerate(text.splitlines(), 1):
@@ -663,28 +862,62 @@ def parse_ctab(text: str, source: str = "ctab") -> dict[int, str]:
         if not line:
             continue
         parts = line.split(None, 1)
-        if len(parts) != 2 or not parts[0].lstrip("-").isdigit():
-            raise DataFormatError(f"{source}: line {n} must look like '<int> <name>'; found {line!r}")
-        table[int(parts[0])] = parts[1].strip()
+        if len(parts) != 2 or not parts[0].lstrip("-").isdigit() or len(parts[0]) > 12:
+            raise DataFormatError(f"{source}: line {n} must look like '<int> <name>'; found {line[:80]!r}")
+        name = parts[1].strip()
+        if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in name):
+            raise DataFormatError(f"{source}: line {n}: label name {name[:80]!r} contains control characters "
+                                  "(not a text label table?)")
+        k = int(parts[0])
+        if k in table:
+            raise DataFormatError(f"{source}: line {n}: label {k} is listed twice ({table[k]!r} and {name!r})")
+        table[k] = name
     return table
 
 
 def read_ctab(path: str | Path) -> dict[int, str]:
-    """Read and parse a ``.ctab`` file (see :func:`parse_ctab`)."""
+    """Read and parse a ``.ctab`` file (UTF-8 text; see :func:`parse_ctab`)."""
     p = Path(path)
     if not p.is_file():
         raise DataFormatError(f"{p}: label table not found")
-    return parse_ctab(p.read_text(), source=str(p))
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise DataFormatError(f"{p}: cannot read the label table ({exc.strerror or exc})") from None
+    if len(raw) > (16 << 20):
+        raise DataFormatError(f"{p}: {len(raw)} bytes is too large for a label table (corrupt or not a .ctab?)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{p}: not a text label table (byte {exc.start} is not UTF-8)") from None
+    return parse_ctab(text, source=str(p))
+
+
+def check_ncsnr_values(values: np.ndarray, path: Path) -> np.ndarray:
+    """Reject an ncsnr map with no finite value (an all-NaN file would make every noise ceiling NaN)."""
+    if values.size and not np.isfinite(values).any():
+        raise DataFormatError(f"{path}: ncsnr is NaN/inf in all {values.size} voxels/vertices (a broken export; "
+                              "re-download it, or compute ncsnr from the betas: --set ncsnr=compute)")
+    return values
 
 
 def load_ncsnr(root: str | Path, subject: str, space: str, beta_version: str,
-               shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, list[Path]]:
+               shape: tuple[int, ...] | None = None,
+               grid: VolumeGrid | None = None) -> tuple[np.ndarray, list[Path]]:
     """The release's ncsnr map.
+
+    Parameters
+    ----------
+    shape : tuple, optional
+        (X, Y, Z) for volumes, (V_lh, V_rh) for fsaverage.
+    grid : VolumeGrid, optional
+        Volumes: the betas' grid (shape and affine checked; see :func:`load_volume`).
 
     Returns
     -------
     ncsnr : ndarray of float64
-        (X, Y, Z) for volumes; (V_lh + V_rh,) for fsaverage (lh then rh). NaN allowed.
+        (X, Y, Z) for volumes; (V_lh + V_rh,) for fsaverage (lh then rh). NaN allowed (outside the brain),
+        but not everywhere (:func:`check_ncsnr_values`).
     paths : list of Path
         Files read.
     """
@@ -692,9 +925,9 @@ def load_ncsnr(root: str | Path, subject: str, space: str, beta_version: str,
         parts, paths = [], []
         for i, hemi in enumerate(layout.HEMIS):
             p = layout.ncsnr_path(root, subject, space, beta_version, hemi=hemi)
-            parts.append(load_surface_values(p, None if shape is None else shape[i], "ncsnr"))
+            parts.append(check_ncsnr_values(load_surface_values(p, None if shape is None else shape[i], "ncsnr"), p))
             paths.append(p)
         return np.concatenate(parts), paths
     p = layout.ncsnr_path(root, subject, space, beta_version)
-    data, _ = load_volume(p, shape, what="ncsnr")
-    return data, [p]
+    data, _ = load_volume(p, shape, what="ncsnr", grid=grid)
+    return check_ncsnr_values(data, p), [p]

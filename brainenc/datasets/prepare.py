@@ -6,9 +6,13 @@ choice in :class:`PrepareConfig` and of the identity (path, size, mtime) of ever
 returns a :class:`PreparedDataset` whose ``responses`` are memory-mapped. A second call with the same
 choices and unchanged files is a cache hit.
 
-Crash safety: the folder is built under a hidden ``.tmp-*`` name, the ``COMPLETE`` marker is written
-last, and only then is the folder renamed to its final name; :func:`load_prepared` refuses folders
-without the marker, so a killed prepare never leaves a cache that looks complete.
+Crash safety: the folder is built under a hidden ``.tmp-<name>-<host>-<pid>-<hex>`` name
+(:func:`brainenc._utils.io.temp_dir_name`), the ``COMPLETE`` marker is written last, and only then is the
+folder renamed to its final name; :func:`load_prepared` refuses folders without the marker, so a killed
+prepare never leaves a cache that looks complete. No lock is taken: two processes preparing the same key
+both build, the first rename wins and the other keeps the winner's folder. Temporary folders of dead
+processes are removed by the next prepare (:func:`brainenc._utils.io.remove_stale_temps`); those of live
+ones are left alone.
 
 Validation happens before any long work: every needed session file is checked (exists, header shape and
 dtype, payload size / gzip trailer), as are the mask and ROI grids, ids and names.
@@ -22,13 +26,12 @@ import json
 import os
 import platform
 import shutil
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from brainenc._utils.io import load_npy, read_json, save_npy, write_json
+from brainenc._utils.io import load_npy, read_json, remove_stale_temps, save_npy, temp_dir_name, write_json
 from brainenc._utils.logging import get_logger, progress
 from brainenc._utils.validation import check_option, check_subject
 from brainenc.config import to_dict
@@ -74,7 +77,14 @@ class PrepareConfig:
         One row per (split, image) averaging its trials, or one row per trial.
     split : {"shared1000", "shared515", "algonauts", "nsd37"}
     n_sessions : int or None
-        Use only the first ``n_sessions`` completed sessions (None = all).
+        Use only the first ``n_sessions`` completed sessions (None = all). From the command line:
+        ``brainenc prepare --set n_sessions=3`` (``brainenc run``: ``--set prepare.n_sessions=3``).
+    allow_partial : bool
+        When betas of some needed sessions are missing and the ones on disk run from session 1 without a gap
+        (a partial download), use those with a warning instead of failing. The sessions used are recorded in
+        the manifest (``n_sessions``, ``partial``) and are part of the cache key; the flag itself is not (with
+        every session on disk it changes nothing). A gap (a missing session before present ones) is always
+        an error. Default False: a missing file fails, naming it and the ``n_sessions`` value that works.
     ncsnr : {"auto", "file", "compute"}
         Read the release's ncsnr map, compute it from the betas (nsd_format §1.8), or file-if-present.
     chunk_trials : int
@@ -92,6 +102,7 @@ class PrepareConfig:
     repeats: str = "average"
     split: str = "shared1000"
     n_sessions: Optional[int] = None
+    allow_partial: bool = False
     ncsnr: str = "auto"
     chunk_trials: int = 50
 
@@ -116,14 +127,18 @@ class PrepareConfig:
             raise ConfigError(f"'chunk_trials' must be a positive integer; {self.chunk_trials!r} was provided")
         if not isinstance(self.zscore, bool) or not isinstance(self.zscore_exclude_test, bool):
             raise ConfigError("'zscore' and 'zscore_exclude_test' must be true or false")
+        if not isinstance(self.allow_partial, bool):
+            raise ConfigError(f"'allow_partial' must be true or false; {self.allow_partial!r} was provided")
         if self.zscore_exclude_test and not self.zscore:
             raise ConfigError("'zscore_exclude_test' needs 'zscore' = true")
         return self
 
     def key_dict(self) -> dict:
-        """The choices that change the numbers (``chunk_trials`` excluded)."""
+        """The choices that change the numbers (``chunk_trials`` and ``allow_partial`` excluded: the sessions
+        actually read are keyed separately)."""
         d = to_dict(self)
         d.pop("chunk_trials")
+        d.pop("allow_partial")
         return d
 
 
@@ -233,6 +248,10 @@ class PreparedDataset:
                  f"z-score {ch.get('zscore', '?')} (exclude test: {ch.get('zscore_exclude_test', '?')})"]
         if "n_sessions" in m:
             lines.append(f"  sessions    {m['n_sessions']} ({m.get('n_trials', '?')} trials read)")
+        if m.get("partial"):
+            pa = m["partial"]
+            lines.append(f"  partial     only {pa.get('sessions_on_disk', '?')} of {pa.get('sessions_needed', '?')} "
+                         "sessions were on disk (allow_partial)")
         lines.append(f"  samples     {self.n_samples} x {self.n_voxels} voxels")
         for k, idx in sorted(self.splits.items()):
             imgs = np.unique(self.image_ids[idx]).size if idx.size else 0
@@ -268,22 +287,31 @@ def load_prepared(path: str | Path, cache_hit: bool = False) -> PreparedDataset:
         raise DataFormatError(f"{p}: incomplete prepared dataset (no {COMPLETE} marker); rerun brainenc prepare")
     man = read_json(p / "manifest.json")
     geo = read_json(p / "geometry.json")
-    if geo.get("space") == "fsaverage":
-        geo["hemi"] = load_npy(p / "geometry_hemi.npy")
-        geo["vertex"] = load_npy(p / "geometry_vertex.npy")
-    else:
-        geo["indices"] = load_npy(p / "geometry_indices.npy")
-    splits = {name: load_npy(p / f"split_{name}.npy") for name in man["split_names"]}
-    rois = {fam: load_npy(p / f"roi_{fam}.npy") for fam in man["roi_families"]}
-    names = {fam: {int(k): v for k, v in tab.items()} for fam, tab in man["roi_names"].items()}
-    gt = p / "global_trials.npy"
-    return PreparedDataset(
-        path=p, subject=man["choices"]["subject"], cache_hit=cache_hit,
-        responses=load_npy(p / "responses.npy", mmap=True), image_ids=load_npy(p / "image_ids.npy"),
-        n_repeats=load_npy(p / "n_repeats.npy"), splits=splits, roi_labels=rois, roi_names=names,
-        ncsnr=load_npy(p / "ncsnr.npy"), noise_ceiling=load_npy(p / "noise_ceiling.npy"), geometry=geo,
-        manifest=man, stimuli_path=man.get("stimuli_path"),
-        global_trials=load_npy(gt) if gt.is_file() else None)
+    try:
+        if geo.get("space") == "fsaverage":
+            geo["hemi"] = load_npy(p / "geometry_hemi.npy")
+            geo["vertex"] = load_npy(p / "geometry_vertex.npy")
+        else:
+            geo["indices"] = load_npy(p / "geometry_indices.npy")
+        splits = {name: load_npy(p / f"split_{name}.npy") for name in man["split_names"]}
+        rois = {fam: load_npy(p / f"roi_{fam}.npy") for fam in man["roi_families"]}
+        names = {fam: {int(k): v for k, v in tab.items()} for fam, tab in man["roi_names"].items()}
+        gt = p / "global_trials.npy"
+        responses = load_npy(p / "responses.npy", mmap=True)
+        if responses.ndim != 2:
+            raise DataFormatError(f"{p / 'responses.npy'}: must be 2-D (samples, voxels); found shape {responses.shape}")
+        return PreparedDataset(
+            path=p, subject=man["choices"]["subject"], cache_hit=cache_hit,
+            responses=responses, image_ids=load_npy(p / "image_ids.npy"),
+            n_repeats=load_npy(p / "n_repeats.npy"), splits=splits, roi_labels=rois, roi_names=names,
+            ncsnr=load_npy(p / "ncsnr.npy"), noise_ceiling=load_npy(p / "noise_ceiling.npy"), geometry=geo,
+            manifest=man, stimuli_path=man.get("stimuli_path"),
+            global_trials=load_npy(gt) if gt.is_file() else None)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        if isinstance(exc, DataFormatError):
+            raise
+        raise DataFormatError(f"{p}: not a brainenc prepared dataset (manifest.json / geometry.json: "
+                              f"{type(exc).__name__}: {exc}) (delete the folder and rerun brainenc prepare)") from None
 
 
 def list_prepared(cache_root: str | Path | None = None, subject: str | None = None) -> list[Path]:
@@ -382,6 +410,7 @@ class _Plan:
     ncsnr_file: Optional[np.ndarray]
     sources: list
     stimuli: Optional[Path]
+    partial: Optional[dict] = None  # allow_partial used: sessions on disk vs needed
 
 
 def _family_files(root, cfg, family):
@@ -406,6 +435,58 @@ def _label_names(root, cfg, family, labels, files):
     return {k: v for k, v in table.items() if k > 0}, src
 
 
+def _session_files(root: Path, cfg: PrepareConfig, session: int) -> list[Path]:
+    if cfg.space == "fsaverage":
+        return [layout.betas_path(root, cfg.subject, cfg.space, cfg.beta_version, session, hemi=h)
+                for h in layout.HEMIS]
+    return [layout.betas_path(root, cfg.subject, cfg.space, cfg.beta_version, session, fmt=cfg.fmt)]
+
+
+def _override(key: str, value) -> str:
+    """How to set a PrepareConfig key from the command line: ``brainenc prepare`` (top-level key) and a
+    pipeline run (``brainenc run``, key under ``prepare.``); for the end of a message's parenthesis."""
+    return f"--set {key}={value}; in a pipeline: --set prepare.{key}={value}"
+
+
+def _sessions_on_disk(root: Path, cfg: PrepareConfig, needed: list[int], n_design: int) -> tuple[int, Path] | None:
+    """None when every needed session is on disk, else ``(sessions on disk, first missing file)``.
+
+    Sessions on disk must run 1..k without a gap: a missing session followed by present ones is an error
+    naming the missing file (a partial download only ever lacks the last sessions).
+    """
+    for s in needed:
+        absent = [f for f in _session_files(root, cfg, s) if not f.is_file()]
+        if not absent:
+            continue
+        missing = absent[0]
+        later = [t for t in range(s + 1, n_design + 1) if any(f.is_file() for f in _session_files(root, cfg, t))]
+        if later:
+            use = (f"or use the first {s - 1} session{'s' if s > 2 else ''} with {_override('n_sessions', s - 1)}"
+                   if s > 1 else "sessions on disk must run from 01 without gaps")
+            raise DataFormatError(f"{missing}: betas file not found, but later sessions are on disk "
+                                  f"(session {later[0]:02d}{' and more' if len(later) > 1 else ''}): sessions must "
+                                  f"be contiguous from 01 (restore this file, {use})")
+        if s == 1:
+            raise DataFormatError(f"{missing}: betas file not found; no session of {cfg.subject} is on disk in "
+                                  f"{missing.parent} (check --nsd-root and the space, beta_version and fmt choices)")
+        return s - 1, missing
+    return None
+
+
+def _check_ncsnr_selected(values: np.ndarray, path: Path, mask: str) -> None:
+    """The ncsnr of the selected voxels must be finite and >= 0 (nsd_format §1.8: sqrt(max(0, 1-v^2))/v)."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise DataFormatError(f"{path}: ncsnr is NaN/inf in {int(bad.sum())} of the {values.size} voxels selected "
+                              f"by mask '{mask}' (their noise ceilings would be NaN; fix or re-download the file, "
+                              f"or compute ncsnr from the betas with {_override('ncsnr', 'compute')})")
+    neg = values < 0
+    if neg.any():
+        raise DataFormatError(f"{path}: ncsnr is negative in {int(neg.sum())} of the {values.size} voxels selected "
+                              f"by mask '{mask}' (minimum {values.min():.4g}; ncsnr is >= 0 by definition, so the "
+                              f"file is corrupt; re-download it or use {_override('ncsnr', 'compute')})")
+
+
 def _plan(root: Path, cfg: PrepareConfig) -> _Plan:
     sources: list[Path] = []
     n_avail = layout.n_sessions(root, cfg.subject)
@@ -414,16 +495,36 @@ def _plan(root: Path, cfg: PrepareConfig) -> _Plan:
         raise ConfigError(f"'n_sessions' must be <= {n_avail} (completed sessions of {cfg.subject}); {n_sess} was provided")
     exp = nsdio.load_expdesign(layout.expdesign_path(root))
     sources.append(exp.path)
-    table = nsdio.trial_table(exp, cfg.subject, n_sess)
     sess_table = {s: layout.n_sessions(root, s) for s in layout.SUBJECTS}
-    masks = make_split(cfg.split, table, expdesign=exp, sessions_per_subject=sess_table)
-    used = np.zeros(table.n_trials, dtype=bool)
-    for m in masks.values():
-        used |= m
+
+    def split_for(n: int):
+        table = nsdio.trial_table(exp, cfg.subject, n)
+        masks = make_split(cfg.split, table, expdesign=exp, sessions_per_subject=sess_table)
+        used = np.zeros(table.n_trials, dtype=bool)
+        for m in masks.values():
+            used |= m
+        return table, masks, used, [int(s) for s in np.unique(table.session[used])]
+
+    table, masks, used, sessions = split_for(n_sess)
+    # --- which sessions are on disk (a partial download lacks the last ones), before anything is read
+    partial = None
+    short = _sessions_on_disk(root, cfg, sessions, n_avail)
+    if short is not None:
+        k, missing = short
+        if not cfg.allow_partial:
+            raise DataFormatError(
+                f"{missing}: betas file not found; only {k} session{'s' if k > 1 else ''} (01-{k:02d}) of the "
+                f"{max(sessions)} needed for {cfg.subject} are on disk (a partial download? use them with "
+                f"--set n_sessions={k}, or --set allow_partial=true to use whatever is on disk; in a pipeline: "
+                f"--set prepare.n_sessions={k})")
+        _log.warning("%s: using the %d sessions on disk (01-%02d) of the %d needed: %s not found (allow_partial)",
+                     cfg.subject, k, k, max(sessions), missing)
+        partial = {"sessions_on_disk": k, "sessions_needed": max(sessions), "first_missing": str(missing)}
+        n_sess = k
+        table, masks, used, sessions = split_for(n_sess)
     if not masks["train"].any() or not masks["test"].any():
         raise DataFormatError(f"split '{cfg.split}' of {cfg.subject} over {n_sess} sessions leaves an empty "
                               f"{'train' if not masks['train'].any() else 'test'} set")
-    sessions = [int(s) for s in np.unique(table.session[used])]
 
     stim = layout.stimuli_path(root)
     stimuli = None
@@ -438,12 +539,12 @@ def _plan(root: Path, cfg: PrepareConfig) -> _Plan:
 
     # --- betas headers, every needed session, before reading any payload
     headers: dict[int, list] = {}
+    vgrid: Optional[nsdio.VolumeGrid] = None  # volumes: the betas' grid every mask/ROI/ncsnr must share
     if cfg.space == "fsaverage":
         spatial = [None, None]
         for s in sessions:
             hs = []
-            for i, h in enumerate(layout.HEMIS):
-                p = layout.betas_path(root, cfg.subject, cfg.space, cfg.beta_version, s, hemi=h)
+            for i, p in enumerate(_session_files(root, cfg, s)):
                 hdr = nsdio.check_betas_file(p, kind="mgh", shape=spatial[i])
                 spatial[i] = (hdr.shape[0],)
                 hs.append(hdr)
@@ -453,11 +554,25 @@ def _plan(root: Path, cfg: PrepareConfig) -> _Plan:
     else:
         grid = None
         for s in sessions:
-            p = layout.betas_path(root, cfg.subject, cfg.space, cfg.beta_version, s, fmt=cfg.fmt)
+            p = _session_files(root, cfg, s)[0]
             hdr = nsdio.check_betas_file(p, kind=cfg.fmt, shape=grid)
             grid = tuple(hdr.shape[:3]) if cfg.fmt == "nifti" else tuple(hdr.shape[1:][::-1])
+            if vgrid is None:
+                vgrid = nsdio.VolumeGrid(grid, hdr.affine, p)
+            elif hdr.affine is not None:
+                why = nsdio.affine_mismatch(hdr.affine, vgrid.affine)
+                if why is not None:
+                    raise DataFormatError(f"{p}: betas affine differs from that of {vgrid.path}: {why} (every "
+                                          "session must be on one grid; re-download this file)")
             headers[s] = [hdr]
             sources.append(p)
+
+    def load_vol(path: Path, what: str) -> np.ndarray:
+        nonlocal vgrid
+        data, aff = nsdio.load_volume(path, what=what, grid=vgrid)
+        if vgrid.affine is None:  # HDF5 betas carry no affine: the first NIfTI read sets the reference
+            vgrid = dataclasses.replace(vgrid, affine=aff, affine_path=path)
+        return data
 
     # --- ROI families
     families = list(cfg.rois) if cfg.rois is not None else [
@@ -466,7 +581,6 @@ def _plan(root: Path, cfg: PrepareConfig) -> _Plan:
         families.append(cfg.mask)
     full_labels: dict[str, np.ndarray] = {}
     roi_names: dict[str, dict] = {}
-    affine = None
     for fam in families:
         files = _family_files(root, cfg, fam)
         for f in files:
@@ -475,9 +589,7 @@ def _plan(root: Path, cfg: PrepareConfig) -> _Plan:
         if cfg.space == "fsaverage":
             lab = np.concatenate([nsdio.load_roi_surface(f, n) for f, n in zip(files, n_vert)])
         else:
-            data, aff = nsdio.load_volume(files[0], grid, what=f"'{fam}' ROI volume")
-            lab = nsdio._as_labels(data, files[0], "ROI volume")
-            affine = aff if affine is None else affine
+            lab = nsdio._as_labels(load_vol(files[0], f"'{fam}' ROI volume"), files[0], "ROI volume")
         names, ctab = _label_names(root, cfg, fam, lab, files)
         full_labels[fam] = lab
         roi_names[fam] = names
@@ -501,14 +613,13 @@ def _plan(root: Path, cfg: PrepareConfig) -> _Plan:
             mask = np.ones(grid, dtype=bool)
         elif cfg.mask == "brainmask":
             bp = layout.brainmask_path(root, cfg.subject, cfg.space)
-            data, aff = nsdio.load_volume(bp, grid, what="brainmask")
-            mask = data > 0
-            affine = aff if affine is None else affine
+            mask = load_vol(bp, "brainmask") > 0
             sources.append(bp)
         else:
             mask = full_labels[cfg.mask] > 0
         idx = np.argwhere(mask).astype(np.int64)
-        if affine is None:
+        affine = vgrid.affine
+        if affine is None:  # HDF5 betas and no NIfTI read: the spec's affine (nsd_format §1.5)
             r = layout.VOXEL_SIZE[cfg.space]
             affine = np.diag([r, r, r, 1.0])
             affine[:3, 3] = -((np.asarray(grid) + 1) / 2 - 1) * r
@@ -519,14 +630,21 @@ def _plan(root: Path, cfg: PrepareConfig) -> _Plan:
         raise DataFormatError(f"mask '{cfg.mask}' of {cfg.subject} selects no voxels")
     roi_labels = {fam: np.maximum(lab.reshape(-1)[flat_sel], 0).astype(np.int32) for fam, lab in full_labels.items()}
 
-    # --- ncsnr
+    # --- ncsnr: grid, affine and values of the selected voxels checked here, before any betas are read
     ncsnr_file = None
     if cfg.ncsnr != "compute":
-        shape = tuple(n_vert) if cfg.space == "fsaverage" else grid
         paths = ([layout.ncsnr_path(root, cfg.subject, cfg.space, cfg.beta_version, hemi=h) for h in layout.HEMIS]
                  if cfg.space == "fsaverage" else [layout.ncsnr_path(root, cfg.subject, cfg.space, cfg.beta_version)])
         if all(p.is_file() for p in paths):
-            full, paths = nsdio.load_ncsnr(root, cfg.subject, cfg.space, cfg.beta_version, shape)
+            if cfg.space == "fsaverage":
+                full, paths = nsdio.load_ncsnr(root, cfg.subject, cfg.space, cfg.beta_version, tuple(n_vert))
+                per_file = [(full[: n_vert[0]][sel[0]], paths[0]), (full[n_vert[0]:][sel[1]], paths[1])]
+            else:
+                data = nsdio.check_ncsnr_values(load_vol(paths[0], "ncsnr"), paths[0])
+                full = data
+                per_file = [(data.reshape(-1)[flat_sel], paths[0])]
+            for values, path in per_file:
+                _check_ncsnr_selected(values, path, cfg.mask)
             ncsnr_file = full.reshape(-1)[flat_sel]
             sources.extend(paths)
         elif cfg.ncsnr == "file":
@@ -534,7 +652,7 @@ def _plan(root: Path, cfg: PrepareConfig) -> _Plan:
             raise DataFormatError(f"{missing}: ncsnr file not found (ncsnr='file'; use 'auto' or 'compute')")
     return _Plan(cfg=cfg, root=root, table=table, split_masks=masks, sessions=sessions, headers=headers,
                  select=select, geometry=geometry, roi_labels=roi_labels, roi_names=roi_names,
-                 ncsnr_file=ncsnr_file, sources=sources, stimuli=stimuli)
+                 ncsnr_file=ncsnr_file, sources=sources, stimuli=stimuli, partial=partial)
 
 
 def _versions() -> dict:
@@ -739,21 +857,42 @@ def _compute_ncsnr(plan, reader, file_row, m_used, sd_used, m_all, sd_all, const
         return ncsnr_from_variance(acc / n_ok)
 
 
-def _clean_stale(cache_root: Path, name: str) -> None:
-    for d in cache_root.glob(f".tmp-{name}-*"):
+def _discard_incomplete(final: Path) -> None:
+    """Remove a marker-less folder at ``final`` (not one of ours: we rename only complete folders).
+
+    It is first renamed to a temporary name of this process, so a concurrent writer's rename onto
+    ``final`` is never deleted by mistake: should the folder moved aside turn out complete (another
+    process renamed its result in between), it is put back.
+    """
+    aside = final.parent / temp_dir_name(final.name)
+    try:
+        os.rename(final, aside)
+    except FileNotFoundError:
+        return
+    if (aside / COMPLETE).is_file():
         try:
-            pid = int(d.name.rsplit("-", 2)[-2])
-        except (ValueError, IndexError):
-            continue
+            os.rename(aside, final)
+            return
+        except OSError:  # yet another result is in place now
+            pass
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete folder ``tmp`` onto ``final``; if another process got there first, keep theirs."""
+    for _ in range(3):
         try:
-            os.kill(pid, 0)
-            alive = pid != os.getpid()
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
-            shutil.rmtree(d, ignore_errors=True)
+            os.rename(tmp, final)
+            return
+        except OSError:
+            if (final / COMPLETE).is_file():  # another process finished the same key first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            if not final.exists():
+                raise
+            _discard_incomplete(final)
+    raise DataFormatError(f"{final}: could not move the prepared dataset into place (the folder keeps "
+                          "reappearing without a COMPLETE marker; is another program writing there?)")
 
 
 def prepare_subject(nsd_root: str | Path, cfg: PrepareConfig | None = None,
@@ -796,10 +935,11 @@ def prepare_subject(nsd_root: str | Path, cfg: PrepareConfig | None = None,
     if (final / COMPLETE).is_file():
         return load_prepared(final, cache_hit=True)
     cache_root.mkdir(parents=True, exist_ok=True)
-    _clean_stale(cache_root, name)
-    if final.exists():  # a folder without marker cannot come from us (rename is last); replace it
-        shutil.rmtree(final)
-    tmp = cache_root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    # temporaries of killed prepares (any key) go; those of live processes (a concurrent prepare) stay
+    remove_stale_temps(cache_root, recursive=False)
+    if final.exists() and not (final / COMPLETE).is_file():
+        _discard_incomplete(final)  # a folder without marker cannot come from us (rename is last)
+    tmp = cache_root / temp_dir_name(name)
     tmp.mkdir()
     try:
         _log.info("preparing %s (%s, %s, %d sessions) -> %s", cfg.subject, cfg.space, cfg.split,
@@ -812,6 +952,8 @@ def prepare_subject(nsd_root: str | Path, cfg: PrepareConfig | None = None,
             "nsd_root": str(root.resolve()),
             "n_sessions": plan.table.n_sessions,
             "sessions_read": plan.sessions,
+            "partial": plan.partial,
+            "allow_partial": cfg.allow_partial,
             "sources": idents,
             "stimuli_path": None if plan.stimuli is None else str(plan.stimuli.resolve()),
             "roi_families": list(plan.roi_labels),
@@ -832,13 +974,7 @@ def prepare_subject(nsd_root: str | Path, cfg: PrepareConfig | None = None,
         }
         write_json(tmp / "manifest.json", manifest)
         write_json(tmp / COMPLETE, {"key": key})  # last file: marks the folder complete
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if (final / COMPLETE).is_file():  # another process finished the same key first
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
+        _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -162,7 +162,7 @@ def write_subject(root: Path, subject: str = "subj01", n_sessions: int = 4, grid
     ids = design["subjectim"][s_idx - 1, slots - 1].astype(int) - 1
     write_stimuli(root, list(ids[:3]) + [0, 72999])
     if simulated_manifest:
-        (root / "brainenc_simulated.json").write_text(json.dumps({"subjects": {subject: {"n_sessions": n_sessions}}}))
+        (root / "brainenc_simulated.json").write_text(json.dumps({"subjects": {subject: {"n_sessions": n_sessions, "complete": True}}}))
 
     X, Y, Z = grid
     ii, jj, kk = np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij")

@@ -204,7 +204,9 @@ def test_killed_prepare_folder_is_not_loadable(nsd_subject, cache):
 
 def test_stale_tmp_folder_of_dead_process_is_removed(nsd_subject, cache):
     ds = prepare_subject(nsd_subject.root, PrepareConfig(), cache_root=cache)
-    stale = cache / f".tmp-{ds.path.name}-999999999-abcdef"
+    from brainenc._utils.io import temp_dir_name
+
+    stale = cache / temp_dir_name(ds.path.name).replace(f"-{os.getpid()}-", "-999999999-")  # a dead writer
     stale.mkdir()
     import shutil
 
