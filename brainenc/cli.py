@@ -134,12 +134,21 @@ def _prepare_config(args):
 
 
 def cmd_prepare(args) -> int:
+    from brainenc._utils.io import kill_scope
+    from brainenc.datasets import layout
     from brainenc.datasets.prepare import prepare_subject
+    from brainenc.exceptions import DataFormatError
 
     data_dir, nsd = _roots(args)
     cfg = _prepare_config(args)
+    # a killed 'brainenc simulate' leaves folders that look complete: say so instead of failing on a missing file
+    entry = (layout.simulation_manifest(nsd) or {}).get("subjects", {}).get(cfg.subject)
+    if entry is not None and not entry.get("complete", False):
+        raise DataFormatError(f"{nsd}: the simulation of {cfg.subject} was interrupted; "
+                              f"rerun 'brainenc simulate --subject {cfg.subject}' (same settings) first")
     t0 = time.perf_counter()
-    ds = prepare_subject(nsd, cfg, cache_root=prepared_root(data_dir))
+    with kill_scope("prepare"):
+        ds = prepare_subject(nsd, cfg, cache_root=prepared_root(data_dir))
     state = "cache hit" if ds.cache_hit else f"prepared in {time.perf_counter() - t0:.1f} s"
     print(f"{cfg.subject}: {state}")
     print(f"  prepared dataset: {ds.path}")

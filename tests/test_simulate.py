@@ -325,6 +325,50 @@ def test_same_seed_identical_files_other_seed_differs(sim, tmp_path):
     assert json.loads((other / layout.SIMULATION_MANIFEST).read_text())["seed"] == 1
 
 
+@pytest.mark.slow
+def test_interrupted_simulation_is_redone_identically(sim, tmp_path, monkeypatch):
+    """A simulation that died midway (manifest ``complete: false``) is simply run again: same
+    files as an uninterrupted run, temporaries of dead writers swept, the umask respected."""
+    import os
+    import subprocess
+    import sys
+
+    from brainenc._utils import io
+    from brainenc.datasets import simulate as sim_mod
+
+    root, _, _ = sim
+    ref = _tree_hashes(root)
+    other = tmp_path / "nsd"
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # as a Ctrl-C after the betas are written
+
+    monkeypatch.setattr(sim_mod, "compute_ncsnr", boom)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_subject(other, SimulationConfig(**SMALL))
+    monkeypatch.undo()
+    man = json.loads((other / layout.SIMULATION_MANIFEST).read_text())
+    assert man["subjects"]["subj01"]["complete"] is False
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stim_dir = layout.stimuli_path(other).parent
+    stale = stim_dir / f".nsd_stimuli.hdf5.{io._HOST}-{dead.pid}.abcd1234.tmp.hdf5"  # a killed writer's
+    stale.write_bytes(b"\0" * 4096)
+    live = other / f".brainenc_ground_truth_subj01.h5.{io._HOST}-{os.getppid()}.abcd1234.tmp.h5"
+    live.write_bytes(b"being written")
+    old = os.umask(0o002)
+    try:
+        simulate_subject(other, SimulationConfig(**SMALL))  # no overwrite needed: it was not complete
+    finally:
+        os.umask(old)
+    assert not stale.exists() and live.exists()  # a live writer's temporary is left alone
+    live.unlink()
+    assert _tree_hashes(other) == ref
+    assert json.loads((other / layout.SIMULATION_MANIFEST).read_text())["subjects"]["subj01"]["complete"]
+    modes = {p.stat().st_mode & 0o777 for p in other.rglob("*") if p.is_file()}
+    assert modes == {0o664}
+
+
 def test_refuses_real_release_and_foreign_design(sim, tmp_path):
     root, cfg, _ = sim
     real = tmp_path / "real_nsd"

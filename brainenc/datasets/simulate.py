@@ -43,7 +43,16 @@ from pathlib import Path
 
 import numpy as np
 
-from brainenc._utils.io import atomic_path, sha256_file, write_json, write_text
+from brainenc._utils.io import (
+    atomic_path,
+    exclusive_lock,
+    kill_point,
+    kill_scope,
+    remove_stale_temps,
+    sha256_file,
+    write_json,
+    write_text,
+)
 from brainenc._utils.logging import get_logger, progress
 from brainenc._utils.validation import check_subject
 from brainenc.config import to_dict
@@ -88,6 +97,8 @@ _CATEGORY_ROIS = (
 #: pRF size sigma = a + b * eccentricity (deg) per visual area (V1, V2, V3, hV4, dorsal V3A-like)
 _PRF_SIZE = ((0.15, 0.12), (0.25, 0.18), (0.40, 0.25), (0.60, 0.35), (0.55, 0.30))
 IMAGE_DEG = 8.4  # NSD stimuli subtend 8.4 x 8.4 degrees
+#: lock file held in the NSD root while a simulation writes it
+LOCK_NAME = ".brainenc_simulate.lock"
 
 
 class SimulationExistsError(BrainencError, FileExistsError):
@@ -660,14 +671,32 @@ def simulate_subject(nsd_root: str | Path, cfg: SimulationConfig | None = None,
     SimulationExistsError
         ``nsd_root`` holds a real NSD release, a simulated design with other design keys, or
         (without ``overwrite``) the same simulated subject.
-    """
-    import h5py
+    LockedError
+        Another live process is simulating into ``nsd_root``.
 
+    Notes
+    -----
+    A simulation that was killed (its manifest entry says ``complete: false``) is simply done
+    again: the output is a function of the config, so the rerun writes the files an
+    uninterrupted run would have. Temporaries of killed writers under ``nsd_root`` are removed.
+    """
     cfg = cfg or SimulationConfig()
-    t0 = time.perf_counter()
     root = Path(nsd_root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
+    # one simulator per NSD root (they share the design files and the stimuli file); a lock left
+    # by a killed simulation is taken over
+    with exclusive_lock(root / LOCK_NAME, f"simulated NSD root {root}"), kill_scope("simulate"):
+        return _simulate(root, cfg, overwrite)
+
+
+def _simulate(root: Path, cfg: SimulationConfig, overwrite: bool) -> SimulationResult:
+    import h5py
+
+    t0 = time.perf_counter()
     man = _check_target(root, cfg, overwrite)
+    stale = remove_stale_temps(root)  # e.g. a half-written stimuli file of a killed simulation
+    if stale:
+        _log.info("removed %d temporary file(s) left by an interrupted simulation", len(stale))
     subj = cfg.subject
     sidx = layout.SUBJECTS.index(subj)
     from brainenc._version import __version__
@@ -734,6 +763,7 @@ def simulate_subject(nsd_root: str | Path, cfg: SimulationConfig | None = None,
                     img = np.minimum(255, (img.astype(np.int32) + step // 2) // step * step).astype(np.uint8)
                 if nsd_id not in chunk_written:
                     dset[nsd_id] = img
+                    kill_point("stimuli")  # crash tests: inside the (large) stimuli file write
                 energy[row] = _scenes.contrast_energy(img)
                 fractions[row] = scene.category_fraction
                 background[row] = scene.background

@@ -2,12 +2,16 @@
 
 A checkpoint folder holds ``model.safetensors``, ``optimizer.safetensors`` (every tensor of the
 optimizer state, keyed ``"<param index>.<name>"``), ``rng.safetensors`` and ``state.json`` (epoch,
-history, optimizer param groups and non-tensor state, scheduler state, RNG metadata). Folders are
-written completely before ``latest.json`` is atomically pointed at them, so a process killed
-mid-write leaves the previous checkpoint valid.
+history, optimizer param groups and non-tensor state, scheduler state, RNG metadata). A folder is
+written under a temporary name (:func:`brainenc._utils.io.temp_dir_name`), renamed to
+``epoch-NNNN`` when complete, and only then is ``latest.json`` atomically pointed at it, so a
+process killed mid-write leaves the previous checkpoint valid and no partial epoch folder (its
+temporary is removed by the next run's :func:`brainenc._utils.io.remove_stale_temps`).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from brainenc._utils.io import atomic_path, read_json, write_json
+from brainenc._utils.io import atomic_path, kill_point, read_json, sort_safetensors_metadata, temp_dir_name, write_json
 from brainenc.exceptions import DataFormatError
 
 __all__ = ["save_tensors", "load_tensors", "optimizer_to_parts", "optimizer_from_parts", "save_checkpoint",
@@ -27,6 +31,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(clean, str(tmp), metadata=metadata)
+        sort_safetensors_metadata(tmp)  # the library's metadata order varies between processes
     return Path(path)
 
 
@@ -85,19 +90,35 @@ def save_checkpoint(root: str | Path, epoch: int, *, model_state: dict[str, torc
     Path of the checkpoint folder.
     """
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     folder = root / f"epoch-{epoch:04d}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    save_tensors(folder / "model.safetensors", model_state)
-    opt_tensors, opt_struct = optimizer_to_parts(optimizer)
-    save_tensors(folder / "optimizer.safetensors", opt_tensors)
-    save_tensors(folder / "rng.safetensors", rng_tensors)
-    write_json(folder / "state.json", {**state, "epoch": epoch, "optimizer": opt_struct})
+    # build under a temporary name (swept by remove_stale_temps if we are killed), rename, then
+    # point latest.json at it: no partial folder is ever visible under an epoch name
+    tmp = root / temp_dir_name(folder.name)
+    tmp.mkdir()
+    try:
+        save_tensors(tmp / "model.safetensors", model_state)
+        opt_tensors, opt_struct = optimizer_to_parts(optimizer)
+        save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+        save_tensors(tmp / "rng.safetensors", rng_tensors)
+        write_json(tmp / "state.json", {**state, "epoch": epoch, "optimizer": opt_struct})
+        aside = None
+        if folder.exists():  # an earlier attempt at this epoch: set it aside, remove it after
+            aside = root / temp_dir_name(folder.name + "-old")
+            os.rename(folder, aside)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     write_json(root / "latest.json", {"folder": folder.name, "epoch": epoch})
     old = sorted(p for p in root.glob("epoch-*") if p.is_dir() and p != folder)
+    doomed = [aside] if aside is not None else []
     for p in old[: max(0, len(old) - (keep - 1))]:
+        with contextlib.suppress(OSError):  # renamed first: never a half-deleted epoch folder
+            doomed.append(p.rename(root / temp_dir_name(p.name + "-old")))
+    for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
+    kill_point("checkpoint")  # crash tests: between two epochs, the checkpoint complete
     return folder
 
 

@@ -6,7 +6,9 @@ depends on and the brainenc version. When a stage finishes, the engine writes
 exists only for a complete stage. On the next run a stage is skipped ("up to date") when its
 record holds the same key and every file it lists still exists; otherwise it runs again, and
 because downstream keys contain upstream keys, everything downstream reruns too. A run killed
-in the middle therefore restarts at the first unfinished stage.
+in the middle therefore restarts at the first unfinished stage. Outputs handed to downstream
+stages in memory are normalised exactly as the record stores them (:func:`brainenc._utils.io.jsonable`),
+so a stage sees the same inputs whether its dependencies ran in this call or were read back.
 
 The engine knows nothing about fMRI: stage functions receive a :class:`StageContext` and return
 a mapping of outputs (JSON values; paths under ``"files"`` are checked on the next run).
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from brainenc import __version__
-from brainenc._utils.io import read_json, write_json
+from brainenc._utils.io import jsonable, kill_point, kill_scope, read_json, write_json
 from brainenc._utils.logging import get_logger
 from brainenc.config import canonical_json
 from brainenc.exceptions import ConfigError, DataFormatError
@@ -286,15 +288,23 @@ def run_stages(
                            inputs={d: outputs[d] for d in s.deps}, state=state)
         started = time.time()
         t0 = time.perf_counter()
-        out = dict(s.func(ctx) or {})
-        seconds = time.perf_counter() - t0
-        json.dumps(out, default=str)  # fail here, not in the record writer, on bad outputs
-        write_json(_record_path(run_dir, s.name), {
-            "stage": s.name, "key": key, "deps": {d: keys[d] for d in s.deps},
-            "version": version, "config": json.loads(canonical_json(s.config)),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "seconds": round(seconds, 3), "outputs": out,
-        })
+        with kill_scope(s.name):
+            kill_point("start")
+            # downstream stages must see the outputs exactly as a later run reads them back from
+            # the record (sorted keys, lists): a resumed run then behaves like an uninterrupted one
+            out = dict(s.func(ctx) or {})
+            try:
+                out = jsonable(out)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"stage {s.name!r} returned outputs JSON cannot hold ({exc})") from None
+            seconds = time.perf_counter() - t0
+            write_json(_record_path(run_dir, s.name), {
+                "stage": s.name, "key": key, "deps": {d: keys[d] for d in s.deps},
+                "version": version, "config": json.loads(canonical_json(s.config)),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                "seconds": round(seconds, 3), "outputs": out,
+            })
+            kill_point("end")
         outputs[s.name] = out
         say(f"{s.name}: done in {seconds:.1f} s")
         results.append(StageResult(s.name, key, "ran", seconds, out))

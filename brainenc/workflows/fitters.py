@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from brainenc._utils.io import atomic_path, load_npy, save_npy, write_json
+from brainenc._utils.io import atomic_path, load_npy, save_npy, sort_safetensors_metadata, write_json
 from brainenc._utils.logging import get_logger
 from brainenc.config import to_dict
 
@@ -76,6 +76,7 @@ def save_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata:
     meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
         save_file(arrays, str(tmp), metadata=meta or None)
+        sort_safetensors_metadata(tmp)  # the library's metadata order varies between processes
     return path
 
 
@@ -212,9 +213,10 @@ def fit_ridge(ctx, cfg, data: FitData) -> dict:
 def fit_routing(ctx, cfg, data: FitData) -> dict:
     """Train :class:`brainenc.encoding.RoutingEncoder` on the train rows' patch tokens.
 
-    Checkpoints go to ``models/<name>/train/``, so a killed fit stage resumes from its last
-    epoch on the next run (same stage key). The fitted encoder is saved with
-    ``save_pretrained`` (safetensors + JSON) in ``models/<name>/``.
+    Checkpoints go to ``train/<name>/`` in the run folder, so a killed fit stage resumes from
+    its last epoch on the next run (same stage key). The fitted encoder is saved with
+    ``save_pretrained`` (safetensors + JSON; the folder is replaced atomically) in
+    ``models/<name>/``, then its figures are drawn into ``models/<name>/figures/``.
 
     Parameters
     ----------
@@ -229,6 +231,7 @@ def fit_routing(ctx, cfg, data: FitData) -> dict:
         Stage outputs: files, n_train, best epoch, query count.
     """
     from brainenc.encoding.routing import RoutingEncoder
+    from brainenc.estimator import CONFIG_FILE, WEIGHTS_FILE
 
     if data.grid is None:
         raise ValueError(f"'fit.{cfg.name}': the routing encoder needs patch tokens with a grid")
@@ -236,19 +239,19 @@ def fit_routing(ctx, cfg, data: FitData) -> dict:
     if data.n_prefix:
         tokens = tokens[:, data.n_prefix:]
     train = data.splits["train"]
-    enc = RoutingEncoder(dict(cfg.model), roi_labels=data.roi_labels, roi_names=data.roi_names, hemi=data.hemi)
-    mdir = ctx.path("models", cfg.name, "x").parent
-    train_dir = mdir / "train"
+    enc = RoutingEncoder.from_config(cfg.model, prefix=f"fit.{cfg.name}.model.")
+    mdir = ctx.run_dir / "models" / cfg.name
+    train_dir = ctx.path("train", cfg.name, "x").parent
     resume = train_dir.is_dir() and any(train_dir.iterdir())
     t0 = time.perf_counter()
     enc.fit(tokens[train], np.asarray(data.responses[train], dtype=np.float32), grid=tuple(data.grid),
-            run_dir=train_dir, resume=resume)
+            roi_labels=data.roi_labels, roi_names=data.roi_names, hemi=data.hemi, run_dir=train_dir,
+            resume=resume)
     fit_s = time.perf_counter() - t0
-    enc.save_pretrained(mdir)
-    files = [ctx.rel(mdir / "model.safetensors"), ctx.rel(mdir / "config.json")]
-    files = [f for f in files if (ctx.run_dir / f).exists()] or [ctx.rel(mdir)]
+    enc.save_pretrained(mdir)  # replaces the whole folder: figures come after
+    files = [ctx.rel(mdir / WEIGHTS_FILE), ctx.rel(mdir / CONFIG_FILE)]
     files += write_predictions(ctx, cfg.name, data, lambda rows: enc.predict(tokens[rows]))
-    n_q = len(enc.query_set_.names) if enc.query_set_ is not None else int(enc.n_voxels_)
+    n_q = len(enc.query_names_)
     log.info("fit %s: routing encoder (%s queries) on %d train rows in %.1f s, best epoch %s",
              cfg.name, n_q, train.size, fit_s, enc.best_epoch_)
     figures = []

@@ -7,10 +7,13 @@ is given::
     versions.json          python / package versions, git commit
     logs/run.log           everything logged during runs (appended)
     stages/<stage>.json    finished-stage records (key, timings, outputs); see engine.py
-    models/<model>/        weights.safetensors + config.json (+ per-voxel extras such as alpha.npy)
+    models/<model>/        weights.safetensors + config.json (+ per-voxel extras such as alpha.npy); routing:
+                           model.safetensors + config.json (brainenc.load), figures/
+    train/<model>/         checkpoints of trained models (a killed fit resumes from its last epoch)
     predictions/<model>/<split>.npy
     scores/<model>/<metric>.npy, scores/noise_ceiling.npy, scores/summary.json
     report/                index.md / index.html, ROI tables, maps, figures
+    .lock                  present while a run holds the folder (a killed run's lock is taken over)
 
 Prepared datasets and features live in the shared caches (``<data root>/prepared``,
 ``<data root>/features``), so several pipelines reuse them.
@@ -32,7 +35,16 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from brainenc import __version__
-from brainenc._utils.io import load_npy, read_json, save_npy, write_json
+from brainenc._utils.io import (
+    exclusive_lock,
+    kill_point,
+    kill_scope,
+    load_npy,
+    read_json,
+    remove_stale_temps,
+    save_npy,
+    write_json,
+)
 from brainenc._utils.logging import get_logger
 from brainenc._utils.paths import features_root, nsd_root as default_nsd_root, prepared_root, resolve_data_dir, runs_root
 from brainenc.config import to_dict
@@ -41,9 +53,11 @@ from brainenc.workflows.engine import Stage, StageContext, read_stage_record, ru
 from brainenc.workflows.fitters import FitData
 from brainenc.workflows.spec import FIT_KINDS, PipelineSpec, load_pipeline
 
-__all__ = ["run_pipeline", "build_stages", "run_dir_for", "data_fingerprint", "STAGE_ORDER"]
+__all__ = ["run_pipeline", "build_stages", "run_dir_for", "data_fingerprint", "split_counts_text", "STAGE_ORDER"]
 
 STAGE_ORDER = ("prepare", "features", "fit", "evaluate", "report")
+#: the run folder's lock file (held for the duration of a run)
+LOCK_NAME = ".lock"
 
 log = get_logger("workflows")
 
@@ -116,10 +130,25 @@ def _run_log(run_dir: Path) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 # data presence / simulation
 # ----------------------------------------------------------------------------------------------
+def _simulation_state(nsd: Path, subject: str) -> str | None:
+    """``"complete"`` / ``"interrupted"`` for a subject of a simulated NSD root; None if not simulated."""
+    from brainenc.datasets import layout
+
+    man = layout.simulation_manifest(nsd)
+    if man is None:
+        return None
+    entry = man.get("subjects", {}).get(subject)
+    if entry is None:
+        return None
+    return "complete" if entry.get("complete", False) else "interrupted"
+
+
 def _has_subject_data(nsd: Path, spec: PipelineSpec) -> bool:
     from brainenc.datasets import layout
 
     cfg = spec.prepare
+    if _simulation_state(nsd, cfg.subject) == "interrupted":
+        return False  # the folders exist, but not every file in them
     return (layout.expdesign_path(nsd).is_file()
             and layout.betas_dir(nsd, cfg.subject, cfg.space, cfg.beta_version).is_dir())
 
@@ -148,13 +177,21 @@ def data_fingerprint(nsd: Path, subject: str) -> dict:
 def _maybe_simulate(spec: PipelineSpec, nsd: Path) -> None:
     if _has_subject_data(nsd, spec):
         return
+    interrupted = _simulation_state(nsd, spec.prepare.subject) == "interrupted"
     if not spec.simulate:
+        if interrupted:
+            raise DataFormatError(
+                f"{nsd}: the simulation of {spec.prepare.subject} was interrupted; rerun 'brainenc simulate' "
+                "(or set [prepare] simulate = true)")
         raise DataFormatError(
             f"{nsd}: no NSD data for {spec.prepare.subject} ({spec.prepare.space}, {spec.prepare.beta_version}); "
             "point --nsd-root at the release, or run 'brainenc simulate' (or set [prepare] simulate = true)")
     from brainenc.datasets.simulate import simulate_subject
 
-    log.info("no data for %s under %s: simulating it first", spec.prepare.subject, nsd)
+    if interrupted:  # the simulator is deterministic: simulating again gives the files it would have written
+        log.info("the simulation of %s under %s was interrupted: simulating it again", spec.prepare.subject, nsd)
+    else:
+        log.info("no data for %s under %s: simulating it first", spec.prepare.subject, nsd)
     t0 = time.perf_counter()
     simulate_subject(nsd, spec.simulation)
     log.info("simulated %s in %.1f s", spec.prepare.subject, time.perf_counter() - t0)
@@ -328,6 +365,17 @@ def _stage_evaluate(spec: PipelineSpec):
     return run
 
 
+def split_counts_text(counts: dict) -> str:
+    """``"train 650, test 100"``: rows per split in a fixed order (train, val, test, then by name).
+
+    The order never comes from the mapping, whose key order differs between outputs passed in
+    memory and outputs read back from a (sorted-key) stage record.
+    """
+    first = {"train": 0, "val": 1, "test": 2}
+    names = sorted(counts, key=lambda k: (first.get(k, 3), k))
+    return ", ".join(f"{k} {counts[k]}" for k in names)
+
+
 def _stage_report(spec: PipelineSpec, stage_names: Sequence[str]):
     def run(ctx: StageContext) -> dict:
         from brainenc.report import ReportInputs, build_report
@@ -359,7 +407,7 @@ def _stage_report(spec: PipelineSpec, stage_names: Sequence[str]):
             ("pipeline", f"{spec.name}" + (f" — {spec.pipeline.description}" if spec.pipeline.description else "")),
             ("subject", spec.prepare.subject),
             ("data", f"{prep['n_samples']} samples × {prep['n_voxels']} voxels, space {prep.get('space')}, "
-                     f"split {spec.prepare.split} ({', '.join(f'{k} {v}' for k, v in prep['splits'].items())})"),
+                     f"split {spec.prepare.split} ({split_counts_text(prep['splits'])})"),
             ("prepared dataset", prep["prepared"]),
             ("features", ", ".join(f"{k}={v}" for k, v in to_dict(spec.features).items() if v not in (None, "", [], {}))),
             ("models", fit_desc),
@@ -450,8 +498,12 @@ def run_pipeline(pipeline, subject: str | None = "subj01", data_dir=None, nsd_ro
     select_stages(build_stages(spec, data_dir, nsd), stages)  # unknown stage names fail before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with _run_log(run_dir):
+    # one process per run folder; a lock left by a killed run is taken over (see exclusive_lock)
+    with exclusive_lock(run_dir / LOCK_NAME, f"run folder {run_dir}"), _run_log(run_dir):
         log.info("run %s for %s -> %s", spec.name, spec.prepare.subject, run_dir)
+        stale = remove_stale_temps(run_dir)  # temporaries of killed runs (atomic writes, checkpoints)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted run", len(stale))
         resolved = spec.resolved()
         resolved["run"] = {"subject": spec.prepare.subject, "nsd_root": str(nsd), "data_dir": str(data_dir),
                            "source": str(spec.source) if spec.source else None}
@@ -464,6 +516,8 @@ def run_pipeline(pipeline, subject: str | None = "subj01", data_dir=None, nsd_ro
         if not ran:
             log.info("all stages up to date (%s)", ", ".join(r.name for r in results))
         log.info("run finished in %.1f s", time.perf_counter() - t0)
+        with kill_scope("run"):
+            kill_point("end")  # crash tests: everything is written, the process has not exited
     return run_dir
 
 

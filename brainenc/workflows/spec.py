@@ -118,10 +118,12 @@ class RoutingFitConfig:
     kind : str
         ``"routing"``.
     model : dict
-        :class:`brainenc.encoding.routing.RoutingEncoderConfig` keys (``queries``, ``d_model``,
-        ``n_layers``, ..., and a ``train`` table of TrainConfig keys: ``epochs``, ``lr``, ``device``...),
-        validated when the spec is read. In TOML: ``[fit.model]`` and ``[fit.model.train]`` after
-        the ``[[fit]]`` header.
+        The table given to :meth:`brainenc.encoding.RoutingEncoder.from_config` (validated when
+        the spec is read): constructor parameters (``queries``, ``combine``, ``families``,
+        ``unknown``, ``val_fraction``, ``val_seed``, ``scoring``), a ``model`` table of
+        :class:`brainenc.models.RoutingArchitecture` keys (``d_model``, ``n_heads``, ``n_layers``...)
+        and a ``train`` table of TrainConfig keys (``epochs``, ``lr``, ``device``...). In TOML:
+        ``[fit.model]``, ``[fit.model.model]`` and ``[fit.model.train]`` after the ``[[fit]]`` header.
     """
 
     name: str = "routing"
@@ -129,9 +131,9 @@ class RoutingFitConfig:
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def check(self) -> None:
-        from brainenc.encoding.routing import RoutingEncoderConfig
+        from brainenc.encoding.routing import RoutingEncoder
 
-        from_dict(RoutingEncoderConfig, self.model, _prefix=f"fit.{self.name}.model.")
+        RoutingEncoder.from_config(self.model, prefix=f"fit.{self.name}.model.")
 
 
 @dataclasses.dataclass

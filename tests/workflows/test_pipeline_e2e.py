@@ -53,10 +53,11 @@ kind = "routing"
 [fit.model]
 queries = "rois"
 families = ["prf-visualrois", "floc-faces"]
+val_fraction = 0.2
+[fit.model.model]
 d_model = 16
 n_heads = 2
 d_ffn = 32
-val_fraction = 0.2
 [fit.model.train]
 epochs = 2
 batch_size = 32
