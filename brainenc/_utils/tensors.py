@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from brainenc._utils.io import atomic_path
+from brainenc._utils.io import atomic_path, sort_safetensors_metadata
 from brainenc.exceptions import DataFormatError
 
 __all__ = ["save_tensors", "load_tensors", "read_tensor_metadata"]
@@ -45,14 +45,16 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: Mapping
         import torch
         from safetensors.torch import save_file
 
-        data = {k: (v.detach().to("cpu") if _is_torch(v) else torch.from_numpy(np.ascontiguousarray(v))).contiguous()
-                for k, v in tensors.items()}
+        # clone: safetensors refuses tensors that share storage (tied weights, views of one buffer)
+        data = {k: (v.detach().to("cpu").contiguous().clone() if _is_torch(v)
+                    else torch.from_numpy(np.ascontiguousarray(v))) for k, v in tensors.items()}
     else:
         from safetensors.numpy import save_file
 
         data = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(data, str(tmp), metadata=meta or None)
+        sort_safetensors_metadata(tmp)  # the library's metadata order varies between processes
     return path
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from brainenc._utils.io import atomic_path, kill_point, read_json, sort_safetensors_metadata, temp_dir_name, write_json
+from brainenc._utils.io import kill_point, read_json, temp_dir_name, write_json
+from brainenc._utils.tensors import load_tensors as _load_tensors, save_tensors as _save_tensors
 from brainenc.exceptions import DataFormatError
 
 __all__ = ["save_tensors", "load_tensors", "optimizer_to_parts", "optimizer_from_parts", "save_checkpoint",
@@ -27,23 +27,13 @@ __all__ = ["save_tensors", "load_tensors", "optimizer_to_parts", "optimizer_from
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """Atomic safetensors write (tensors made contiguous, moved to CPU, storage unshared)."""
-    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(clean, str(tmp), metadata=metadata)
-        sort_safetensors_metadata(tmp)  # the library's metadata order varies between processes
-    return Path(path)
+    """Atomic safetensors write (the package's one writer, :func:`brainenc._utils.tensors.save_tensors`)."""
+    return _save_tensors(path, tensors, metadata)
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file with an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"{path}: file not found")
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as exc:  # safetensors raises its own error types
-        raise DataFormatError(f"{path}: not a readable safetensors file ({exc})") from None
+    """Read a safetensors file as torch tensors on ``device`` (error names the file)."""
+    return _load_tensors(path, framework="torch", device=str(device))
 
 
 def optimizer_to_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -12,18 +12,18 @@ matrices already aligned to the prepared dataset's rows) and must
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from brainenc._utils.io import atomic_path, load_npy, save_npy, sort_safetensors_metadata, write_json
+from brainenc._utils.io import load_npy, save_npy, write_json
+from brainenc._utils.tensors import save_tensors
 from brainenc._utils.logging import get_logger
 from brainenc.config import to_dict
+from brainenc.features.pooling import pool_grid
 
-__all__ = ["FitData", "fit_ridge", "fit_routing", "routing_figures", "pool_grid", "save_safetensors", "write_predictions"]
+__all__ = ["FitData", "fit_ridge", "fit_routing", "routing_figures", "write_predictions"]
 
 log = get_logger("workflows")
 
@@ -67,19 +67,6 @@ class FitData:
     read_images: Callable[[np.ndarray], np.ndarray] | None = None
 
 
-def save_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> Path:
-    """Write numpy arrays as a safetensors file, atomically."""
-    from safetensors.numpy import save_file
-
-    path = Path(path)
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()}
-    with atomic_path(path) as tmp:
-        save_file(arrays, str(tmp), metadata=meta or None)
-        sort_safetensors_metadata(tmp)  # the library's metadata order varies between processes
-    return path
-
-
 def write_predictions(ctx, name: str, data: FitData, predict: Callable[[np.ndarray], np.ndarray]) -> list[str]:
     """Predict every non-train split and save ``predictions/<name>/<split>.npy``.
 
@@ -104,41 +91,6 @@ def write_predictions(ctx, name: str, data: FitData, predict: Callable[[np.ndarr
         pred = np.asarray(predict(rows), dtype=np.float32)
         files.append(ctx.rel(save_npy(ctx.path("predictions", name, f"{split}.npy"), pred)))
     return files
-
-
-def pool_grid(tokens: np.ndarray, grid: tuple[int, int], cells: int, n_prefix: int = 0) -> np.ndarray:
-    """Average patch tokens over a ``cells x cells`` grid of image regions and flatten.
-
-    Keeps coarse spatial layout (what early visual voxels need) at a feature count of
-    ``cells² · dim`` instead of ``h · w · dim``.
-
-    Parameters
-    ----------
-    tokens : array of shape (n, n_prefix + h * w, dim)
-    grid : (h, w)
-    cells : int
-        Output grid size per side (<= h, w); regions split the grid as evenly as possible.
-    n_prefix : int
-
-    Returns
-    -------
-    array of shape (n, cells * cells * dim), float32
-    """
-    h, w = (int(g) for g in grid)
-    t = np.asarray(tokens[:, n_prefix:], dtype=np.float32)
-    n, hw, d = t.shape
-    if hw != h * w:
-        raise ValueError(f"tokens hold {hw} patches but the grid is {h}x{w}")
-    if not 1 <= cells <= min(h, w):
-        raise ValueError(f"'grid_pool' must be in 1..{min(h, w)} for a {h}x{w} grid; {cells} was provided")
-    t = t.reshape(n, h, w, d)
-    ys = np.linspace(0, h, cells + 1).round().astype(int)
-    xs = np.linspace(0, w, cells + 1).round().astype(int)
-    out = np.empty((n, cells, cells, d), dtype=np.float32)
-    for i in range(cells):
-        for j in range(cells):
-            out[:, i, j] = t[:, ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean(axis=(1, 2))
-    return out.reshape(n, -1)
 
 
 def _design(data: FitData, cfg) -> np.ndarray:
@@ -185,7 +137,7 @@ def fit_ridge(ctx, cfg, data: FitData) -> dict:
     fit_s = time.perf_counter() - t0
     del Y
     mdir = ctx.path("models", cfg.name, "x").parent
-    weights = save_safetensors(mdir / "weights.safetensors", {
+    weights = save_tensors(mdir / "weights.safetensors", {
         "coef": np.asarray(enc.coef_, dtype=np.float32),
         "intercept": np.asarray(enc.intercept_, dtype=np.float32),
         "best_alphas": np.asarray(enc.best_alphas_, dtype=np.float64),

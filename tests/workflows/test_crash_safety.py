@@ -243,7 +243,7 @@ def test_atomic_writers_respect_the_umask(tmp_path, umask):
 
     from brainenc.report.figures import save_figure
     from brainenc.training.checkpoint import save_tensors
-    from brainenc.workflows.fitters import save_safetensors
+    from brainenc._utils.tensors import save_tensors as save_safetensors
     from matplotlib.figure import Figure
 
     old = os.umask(umask)
@@ -269,7 +269,7 @@ def test_atomic_writers_respect_the_umask(tmp_path, umask):
 ST_SCRIPT = """
 import sys
 import numpy as np
-from brainenc.workflows.fitters import save_safetensors
+from brainenc._utils.tensors import save_tensors as save_safetensors
 meta = {k: str(i) for i, k in enumerate(["kind", "solver", "alpha", "zeta", "epoch", "metric"])}
 save_safetensors(sys.argv[1], {"coef": np.arange(6.0).reshape(2, 3), "b": np.ones(2, np.float32)}, meta)
 """
