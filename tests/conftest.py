@@ -23,6 +23,20 @@ def _isolated_data_root(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_brainenc_logger():
+    """A test that runs the CLI (which adds its stderr handler, bound to that test's captured stderr,
+    and stops propagation) leaves the ``brainenc`` logger as it found it for the next test in the process."""
+    import logging
+
+    import brainenc._utils.logging  # noqa: F401  (its import adds the library's NullHandler: keep it)
+
+    root = logging.getLogger("brainenc")
+    saved = (list(root.handlers), root.level, root.propagate)
+    yield
+    root.handlers[:], root.level, root.propagate = saved
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -48,14 +48,25 @@ def test_banded_matches_himalaya_bandedridgecv():
                                solver_params=dict(n_iter=gammas, alphas=ALPHAS, progress_bar=False)).fit([X1, X2], Y)
     ref_g = np.exp(ref.deltas_)
     ref_g /= ref_g.sum(0)
-    # Tolerance: same candidates and folds in float64 -> identical choices for every voxel,
+    # Tolerance: same candidates and folds in float64 -> the same per-candidate scores up to
+    # rounding (measured max difference 1.2e-9: himalaya sums in another order), so identical
+    # choices for every voxel whose best candidate leads the next by more than twice that (all of
+    # them here: the smallest lead is 5e-4, and 1.1e-5 between alphas within a candidate; a
+    # rounding-level near-tie could go either way),
     # predictions equal to 1e-6 relative.
-    np.testing.assert_allclose(enc.best_gammas_, ref_g, atol=1e-8)
-    np.testing.assert_allclose(enc.best_alphas_, ref.best_alphas_, rtol=1e-6)
-    np.testing.assert_allclose(enc.deltas_, ref.deltas_, rtol=1e-6, atol=1e-6)
-    pred, ref_pred = enc.predict([X1, X2]), ref.predict([X1, X2])
-    np.testing.assert_allclose(pred, ref_pred, rtol=1e-6, atol=1e-6 * np.abs(ref_pred).max())
     np.testing.assert_allclose(enc.cv_scores_, ref.cv_scores_, rtol=1e-6, atol=1e-9)
+    slack = np.abs(enc.cv_scores_ - ref.cv_scores_).max(0) + np.finfo(np.float64).eps  # + the eps rule
+    near = enc.cv_scores_ >= enc.cv_scores_.max(0) - 2 * slack
+    assert np.mean(near.sum(0) > 1) <= 0.1, "too many near-ties for a meaningful comparison"
+    ref_idx = np.abs(gammas[:, None, :] - ref_g.T[None, :, :]).max(-1).argmin(0)  # ref's candidate per voxel
+    np.testing.assert_allclose(gammas[ref_idx].T, ref_g, atol=1e-8)
+    assert near[ref_idx, np.arange(Y.shape[1])].all()
+    same = np.abs(enc.best_gammas_ - ref_g).max(0) <= 1e-8
+    assert np.all(same | (near.sum(0) > 1))
+    np.testing.assert_allclose(enc.best_alphas_[same], ref.best_alphas_[same], rtol=1e-6)
+    np.testing.assert_allclose(enc.deltas_[:, same], ref.deltas_[:, same], rtol=1e-6, atol=1e-6)
+    pred, ref_pred = enc.predict([X1, X2]), ref.predict([X1, X2])
+    np.testing.assert_allclose(pred[:, same], ref_pred[:, same], rtol=1e-6, atol=1e-6 * np.abs(ref_pred).max())
 
 
 def test_banded_recovers_band_ratio_and_input_forms():

@@ -173,7 +173,7 @@ def test_attention_maps_are_labelled_by_their_own_query(tmp_path):
     by_name = enc.attention_maps(X[:3], queries=["rh_OFA"])
     # one query decodes as a [1, d] x [d, .] product, all of them as [Q, d] x [d, .]: another kernel and
     # summation order, so each logit moves by ~n*u32*sum|q_d k_d| and each weight by that relatively
-    # (measured max 5.8e-7 over all queries with AVX-512, AVX2 and no-SIMD ATen kernels at 1-3 threads;
+    # (measured max 7.8e-7 over all queries with AVX-512, AVX2 and no-SIMD ATen kernels at 1-3 threads;
     # a map of another query differs by O(1))
     np.testing.assert_allclose(by_name[:, 0], named["rh_OFA"], rtol=4e-6)
     # synthetic maps: query i attends only to patch i, so a mislabelled figure is detectable
