@@ -365,7 +365,7 @@ def _pidfile_open(path: Path, what: str) -> int:
                 if age < 2.0:
                     time.sleep(0.05)
                     continue
-            elif host != _HOST or _pid_alive(pid):
+            elif host not in (_HOST, "?") or _pid_alive(pid):  # "?": a pid-only file (older brainenc), this host
                 raise _locked_error(path, what) from None
             with contextlib.suppress(FileNotFoundError):  # its holder is dead: take the lock over
                 path.unlink()

@@ -53,6 +53,8 @@ from typing import Any
 import numpy as np
 
 from brainenc._utils.io import (
+    LockedError,
+    exclusive_lock,
     load_npy,
     read_json,
     remove_stale_temps,
@@ -62,7 +64,7 @@ from brainenc._utils.io import (
     write_text,
 )
 from brainenc.config import canonical_json
-from brainenc.exceptions import BrainencError, DataFormatError, MissingWeightsError
+from brainenc.exceptions import DataFormatError, MissingWeightsError
 
 __all__ = ["FeatureSet", "feature_key", "ids_digest", "load_feature_set", "CACHE_FORMAT", "CacheLockedError",
            "cached_sha256"]
@@ -330,7 +332,7 @@ def write_identity_record(cache_root, request: dict, describe: dict, n_blocks: i
 
 
 # ---------------------------------------------------------------------- writer lock
-class CacheLockedError(BrainencError, RuntimeError):
+class CacheLockedError(LockedError):
     """Another live process is writing the same cache entry."""
 
 
@@ -369,77 +371,17 @@ def _locked_error(lock: Path) -> CacheLockedError:
 
 @contextlib.contextmanager
 def cache_lock(folder: Path):
-    """Exclusive writer lock on a cache folder.
-
-    The lock is an ``flock`` on ``<folder>/.lock``, which the kernel releases when the holding
-    process dies, so a lock file left by a killed run never blocks; a live holder (this or
-    another process) makes it raise :class:`CacheLockedError` at once, naming the lock file and
-    the holder's pid.
-    """
+    """Exclusive writer lock on a cache folder: :func:`brainenc._utils.io.exclusive_lock` on
+    ``<folder>/.lock`` (an ``flock``, released by the kernel when the holder dies, so a lock left by
+    a killed run never blocks; a live holder raises :class:`CacheLockedError` at once, naming the
+    lock file and the holder's pid)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / LOCK_NAME
     try:
-        import fcntl
-    except ImportError:  # no flock (not POSIX): an O_EXCL pid file
-        fcntl = None
-    for _ in range(20 if fcntl is not None else 0):
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _locked_error(lock) from None
-        except OSError:  # a file system without flock (some network/FUSE mounts)
-            os.close(fd)
-            fcntl = None
-            break
-        try:  # the holder before us may have unlinked the file between our open and flock
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    else:
-        if fcntl is not None:
-            raise CacheLockedError(f"{lock}: could not take the cache lock (the lock file keeps being replaced)")
-    if fcntl is None:
-        with _pidfile_lock(lock):
+        with exclusive_lock(folder / LOCK_NAME, "this feature-cache entry"):
             yield
-        return
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {_HOST}\n".encode())
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()  # while still holding it: a waiter that opened this inode retries
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _pidfile_lock(lock: Path):
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid, _host = _lock_holder(lock)
-            if pid and _pid_alive(pid):
-                raise _locked_error(lock) from None
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()} {_HOST}\n")
-        break
-    else:
-        raise CacheLockedError(f"{lock}: could not take the cache lock")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+    except LockedError as exc:
+        raise CacheLockedError(str(exc)) from None
 
 
 def sweep_stale(folder: Path) -> list[Path]:
