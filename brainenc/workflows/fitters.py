@@ -3,7 +3,8 @@
 A fitter receives the stage context, its config dataclass and a :class:`FitData` (design
 matrices already aligned to the prepared dataset's rows) and must
 
-- write its weights under ``models/<name>/`` (safetensors + ``config.json``, never pickle),
+- write its weights under ``models/<name>/`` (safetensors + ``config.json``, never pickle;
+  estimators use ``save_pretrained`` so that ``brainenc.load(models/<name>)`` reads them back),
 - write predictions for every held-out split to ``predictions/<name>/<split>.npy``
   (float32, shape (n_rows_in_split, n_voxels)),
 - optionally write per-voxel extras to ``models/<name>/<extra>.npy`` (ridge: ``alpha``),
@@ -17,10 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from brainenc._utils.io import load_npy, save_npy, write_json
-from brainenc._utils.tensors import save_tensors
+from brainenc._utils.io import load_npy, save_npy
 from brainenc._utils.logging import get_logger
-from brainenc.config import to_dict
 from brainenc.features.pooling import pool_grid
 
 __all__ = ["FitData", "fit_ridge", "fit_routing", "routing_figures", "write_predictions"]
@@ -103,7 +102,13 @@ def _design(data: FitData, cfg) -> np.ndarray:
 
 
 def fit_ridge(ctx, cfg, data: FitData) -> dict:
-    """Fit :class:`brainenc.encoding.RidgeEncoder` on the train rows; save weights and predictions.
+    """Fit :class:`brainenc.encoding.RidgeEncoder` on the train rows; save it and its predictions.
+
+    The encoder gets the raw design rows (``standardize=cfg.standardize`` z-scores them with the
+    train rows' statistics, saved with the model) and is saved with ``save_pretrained`` in
+    ``models/<name>/`` (``config.json`` + ``model.safetensors``; ``brainenc.load`` reads it back);
+    the per-voxel best alphas go to ``models/<name>/alpha.npy`` afterwards (an extra of the
+    report's alpha map).
 
     Parameters
     ----------
@@ -117,41 +122,24 @@ def fit_ridge(ctx, cfg, data: FitData) -> dict:
         Stage outputs: files, n_train, n_features, alpha summary, fit seconds.
     """
     from brainenc.encoding.ridge import RidgeEncoder
+    from brainenc.estimator import CONFIG_FILE, WEIGHTS_FILE
 
     X = _design(data, cfg)
     train = data.splits["train"]
-    mean = np.zeros(X.shape[1], np.float32)
-    scale = np.ones(X.shape[1], np.float32)
-    if cfg.standardize:
-        mean = X[train].mean(axis=0)
-        sd = X[train].std(axis=0)
-        scale = np.where(sd > 1e-8, sd, 1.0).astype(np.float32)
-    Xs = (X - mean) / scale
     Y = np.asarray(data.responses[train], dtype=np.float32)
     enc = RidgeEncoder(alphas=list(cfg.alphas) or None, cv=cfg.cv, fit_intercept=cfg.fit_intercept,
                        scoring=cfg.scoring, alpha_per_target=cfg.alpha_per_target, solver=cfg.solver,
                        backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
-                       target_batch_size=cfg.target_batch_size)
+                       target_batch_size=cfg.target_batch_size, standardize=cfg.standardize)
     t0 = time.perf_counter()
-    enc.fit(Xs[train], Y)
+    enc.fit(X[train], Y)  # raw design rows: the encoder z-scores them (and every X it predicts)
     fit_s = time.perf_counter() - t0
     del Y
-    mdir = ctx.path("models", cfg.name, "x").parent
-    weights = save_tensors(mdir / "weights.safetensors", {
-        "coef": np.asarray(enc.coef_, dtype=np.float32),
-        "intercept": np.asarray(enc.intercept_, dtype=np.float32),
-        "best_alphas": np.asarray(enc.best_alphas_, dtype=np.float64),
-        "alphas": np.asarray(enc.alphas_, dtype=np.float64),
-        "feature_mean": mean, "feature_scale": scale,
-    }, metadata={"kind": "ridge", "solver": enc.solver_})
-    config = write_json(mdir / "config.json", {
-        "kind": "ridge", "config": to_dict(cfg), "solver": enc.solver_, "n_train": int(train.size),
-        "n_features": int(X.shape[1]), "n_voxels": int(np.asarray(enc.coef_).shape[-1]),
-        "prediction": "((X - feature_mean) / feature_scale) @ coef + intercept",
-    })
+    mdir = ctx.run_dir / "models" / cfg.name
+    enc.save_pretrained(mdir)  # replaces the whole folder: the extras are written after it
     alpha = save_npy(mdir / "alpha.npy", np.asarray(enc.best_alphas_, dtype=np.float64))
-    files = [ctx.rel(weights), ctx.rel(config), ctx.rel(alpha)]
-    files += write_predictions(ctx, cfg.name, data, lambda rows: enc.predict(Xs[rows]))
+    files = [ctx.rel(mdir / WEIGHTS_FILE), ctx.rel(mdir / CONFIG_FILE), ctx.rel(alpha)]
+    files += write_predictions(ctx, cfg.name, data, lambda rows: enc.predict(X[rows]))
     ba = np.asarray(enc.best_alphas_, dtype=np.float64)
     values, counts = np.unique(ba, return_counts=True)
     log.info("fit %s: %d train rows x %d features -> %d voxels in %.1f s (solver %s)",

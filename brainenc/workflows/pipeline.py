@@ -7,8 +7,9 @@ is given::
     versions.json          python / package versions, git commit
     logs/run.log           everything logged during runs (appended)
     stages/<stage>.json    finished-stage records (key, timings, outputs); see engine.py
-    models/<model>/        weights.safetensors + config.json (+ per-voxel extras such as alpha.npy); routing:
-                           model.safetensors + config.json (brainenc.load), figures/
+    models/<model>/        the fitted estimator, ``save_pretrained``: model.safetensors + config.json
+                           (``brainenc.load(run_dir / "models" / name)``); then ridge: alpha.npy,
+                           routing: figures/
     train/<model>/         checkpoints of trained models (a killed fit resumes from its last epoch)
     predictions/<model>/<split>.npy
     scores/<model>/<metric>.npy, scores/noise_ceiling.npy, scores/summary.json
@@ -42,7 +43,6 @@ from brainenc._utils.io import (
     load_npy,
     read_json,
     remove_stale_temps,
-    save_npy,
     write_json,
 )
 from brainenc._utils.logging import get_logger
@@ -323,7 +323,7 @@ def _stage_fit(spec: PipelineSpec, data_dir: Path, cfg):
 
 def _stage_evaluate(spec: PipelineSpec):
     def run(ctx: StageContext) -> dict:
-        from brainenc.metrics import METRICS, noise_normalized, pearson_r, r2_score, roi_aggregate
+        from brainenc.metrics.scoreset import NormalizeOptions, score_predictions
 
         ev = spec.evaluate
         ds = _dataset(ctx)
@@ -331,35 +331,21 @@ def _stage_evaluate(spec: PipelineSpec):
             raise ConfigError(f"'evaluate.split' must be one of {sorted(ds.splits)}; {ev.split!r} was provided")
         rows = ds.splits[ev.split]
         y = np.asarray(ds.responses[rows], dtype=np.float32)
-        nc = np.asarray(ds.noise_ceiling, dtype=np.float32)
-        files = [ctx.rel(save_npy(ctx.path("scores", "noise_ceiling.npy"), nc))]
-        masks = ds.roi_masks()
-        summary: dict = {"split": ev.split, "n_test": int(rows.size), "models": {}}
-        for cfg in spec.fits:
-            pred = load_npy(ctx.run_dir / "predictions" / cfg.name / f"{ev.split}.npy")
+        preds = {}
+        for cfg in spec.fits:  # memory-mapped: score_predictions reads one model at a time
+            pred = load_npy(ctx.run_dir / "predictions" / cfg.name / f"{ev.split}.npy", mmap=True)
             if pred.shape != y.shape:
                 raise DataFormatError(f"predictions/{cfg.name}/{ev.split}.npy has shape {pred.shape}; expected {y.shape}")
-            scores = {"r": pearson_r(y, pred), "r2": r2_score(y, pred)}
-            for m in ev.metrics:
-                if m not in scores and m not in ("pearson_r",):
-                    scores[m] = METRICS.get(m)(y, pred)
-            base = scores["r"] if ev.normalize == "r" else scores["r2"]
-            scores["nc_norm"] = noise_normalized(base, nc, kind=ev.normalize, clip_negative=ev.clip_negative,
-                                                 nc_floor=ev.nc_floor, below_floor=ev.below_floor, cap=ev.cap)
-            model_sum = {}
-            for metric, values in scores.items():
-                values = np.asarray(values, dtype=np.float32)
-                files.append(ctx.rel(save_npy(ctx.path("scores", cfg.name, f"{metric}.npy"), values)))
-                fin = values[np.isfinite(values)]
-                model_sum[metric] = {
-                    "mean": float(fin.mean()) if fin.size else float("nan"),
-                    "median": float(np.median(fin)) if fin.size else float("nan"),
-                    "rois": {k: v["value"] for k, v in roi_aggregate(values, masks, "mean").items()},
-                }
-            summary["models"][cfg.name] = model_sum
-            log.info("evaluate %s: mean r %.3f, median r %.3f, mean NC-norm %.3f", cfg.name,
+            preds[cfg.name] = pred
+        options = NormalizeOptions(normalize=ev.normalize, clip_negative=ev.clip_negative, nc_floor=ev.nc_floor,
+                                   below_floor=ev.below_floor, cap=ev.effective_cap)
+        scores = score_predictions(y, preds, ds.noise_ceiling, roi_masks=ds.roi_masks(), metrics=ev.metrics,
+                                   split=ev.split, options=options)
+        files = [ctx.rel(p) for p in scores.save(ctx.run_dir / "scores")]
+        summary = scores.summary()
+        for name, model_sum in summary["models"].items():
+            log.info("evaluate %s: mean r %.3f, median r %.3f, mean NC-norm %.3f", name,
                      model_sum["r"]["mean"], model_sum["r"]["median"], model_sum["nc_norm"]["mean"])
-        files.append(ctx.rel(write_json(ctx.path("scores", "summary.json"), summary)))
         return {"files": files, "split": ev.split,
                 "mean_r": {k: v["r"]["mean"] for k, v in summary["models"].items()}}
     return run
@@ -413,7 +399,7 @@ def _stage_report(spec: PipelineSpec, stage_names: Sequence[str]):
             ("models", fit_desc),
             ("scored on", f"'{ev.split}' split ({rows.size} rows); NC-normalised {ev.normalize}"
                           f"{'²' if ev.normalize == 'r' else ''}, clip negative {ev.clip_negative}, "
-                          f"NC floor {ev.nc_floor}, cap {ev.cap}"),
+                          f"NC floor {ev.nc_floor}, cap {ev.effective_cap if ev.effective_cap is not None else 'none'}"),
             ("brainenc", __version__),
         ]
         gt = prep.get("ground_truth")

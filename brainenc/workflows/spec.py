@@ -156,7 +156,8 @@ class EvaluateConfig:
     below_floor : {"nan", "floor"}
         NaN (excluded from ROI means) or divide by ``nc_floor``.
     cap : float or None
-        Upper bound of the normalised score (1 = the ceiling); ``cap = -1`` in TOML means none.
+        Upper bound of the normalised score (1 = the ceiling); any negative value (``cap = -1`` in
+        TOML, which has no null) or None means none: see :meth:`effective_cap`.
     """
 
     split: str = "test"
@@ -167,6 +168,11 @@ class EvaluateConfig:
     below_floor: Literal["nan", "floor"] = "nan"
     cap: float | None = 1.0
 
+    @property
+    def effective_cap(self) -> float | None:
+        """The cap as :class:`brainenc.metrics.NormalizeOptions` takes it: None (no cap) when negative."""
+        return None if self.cap is None or self.cap < 0 else self.cap
+
     def check(self) -> None:
         from brainenc.metrics import METRICS
 
@@ -176,8 +182,6 @@ class EvaluateConfig:
             raise ConfigError(f"'evaluate.nc_floor' must be in [0, 1); {self.nc_floor!r} was provided")
         if self.below_floor == "floor" and self.nc_floor <= 0:
             raise ConfigError("'evaluate.nc_floor' must be > 0 when below_floor = 'floor'")
-        if self.cap is not None and self.cap < 0:
-            self.cap = None
 
 
 @dataclasses.dataclass

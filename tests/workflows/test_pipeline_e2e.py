@@ -107,7 +107,7 @@ def test_quickstart_like_pipeline_end_to_end(tmp_path, monkeypatch):
     assert out == run_dir
     assert _ran(run_dir, ["prepare", "features", "fit.ridge"]) == first
     for name in ("config.resolved.json", "versions.json", "logs/run.log", "report/index.md", "report/index.html",
-                 "report/roi_table.csv", "report/roi_table.md", "scores/summary.json", "models/ridge/weights.safetensors",
+                 "report/roi_table.csv", "report/roi_table.md", "scores/summary.json", "models/ridge/model.safetensors",
                  "models/ridge/config.json", "predictions/ridge/test.npy", "report/ground_truth.json"):
         assert (run_dir / name).is_file(), name
     log_text = (run_dir / "logs" / "run.log").read_text()
