@@ -55,6 +55,8 @@ ROI_FAMILIES = tuple(LABEL_TABLES)
 
 #: file an NSD root may hold to declare a simulated (smaller) design; see simulate.py
 SIMULATION_MANIFEST = "brainenc_simulated.json"
+#: the simulator's per-subject ground truth, next to the manifest (which names it); see simulate.py
+GROUND_TRUTH_FILE = "brainenc_ground_truth_{subject}.h5"
 
 
 def expdesign_path(root: Path) -> Path:
@@ -135,6 +137,37 @@ def simulation_manifest(root: Path) -> dict | None:
     if not isinstance(man, dict) or not isinstance(man.get("subjects", {}), dict):
         raise DataFormatError(f"{p}: must be a JSON object with a 'subjects' table (rerun brainenc simulate)")
     return man
+
+
+def ground_truth_file(root: Path, subject: str) -> Path:
+    """Where the simulator writes ``subject``'s ground truth: ``<root>/brainenc_ground_truth_subjXX.h5``.
+
+    The naming rule only (the writer's target); readers use :func:`ground_truth_path`.
+    """
+    return Path(root) / GROUND_TRUTH_FILE.format(subject=check_subject(subject))
+
+
+def ground_truth_path(root: Path, subject: str) -> Path | None:
+    """``subject``'s simulated ground-truth file, or None when ``root`` holds no such file.
+
+    Read from the simulation manifest (``subjects.<subject>.ground_truth``, or a top-level
+    ``ground_truth`` name or ``{subject: name}`` table), relative to ``root`` unless absolute.
+    None for a real NSD release (no manifest), a subject the manifest does not name, or a file
+    that is missing on disk.
+    """
+    subject = check_subject(subject)
+    man = simulation_manifest(root)
+    if man is None:
+        return None
+    entry = man.get("subjects", {}).get(subject, {})
+    rel = (entry.get("ground_truth") if isinstance(entry, dict) else None) or man.get("ground_truth")
+    if isinstance(rel, dict):
+        rel = rel.get(subject)
+    if not rel or not isinstance(rel, str):
+        return None
+    p = Path(rel)
+    p = p if p.is_absolute() else Path(root) / p
+    return p if p.is_file() else None
 
 
 def n_sessions(root: Path, subject: str) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 from brainenc._utils.validation import check_option, check_subject
 from brainenc.datasets import layout
 from brainenc.exceptions import DataFormatError
+from brainenc.features.images import HDF5Images
 
 __all__ = [
     "Expdesign",
@@ -279,11 +280,13 @@ def file_identity(path: str | Path) -> dict:
     return {"path": str(p.resolve()), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
-class NSDStimuli:
-    """Lazy reader of ``nsd_stimuli.hdf5`` (dataset ``imgBrick``, uint8 (N, 425, 425, 3)) by 0-based 73k id.
+class NSDStimuli(HDF5Images):
+    """:class:`~brainenc.features.images.HDF5Images` on ``nsd_stimuli.hdf5`` (``imgBrick``, uint8 (N, 425, 425, 3)).
 
-    Satisfies the features image protocol: ``read(ids) -> uint8 [n, H, W, 3]`` and ``identity() -> str``.
-    The file is opened per :meth:`read` call (no handle is held, so instances are cheap to pass around).
+    The one stimulus reader, with NSD conveniences: ``path`` may be an NSD root, and :meth:`read`
+    takes 0-based 73k ids of an integer dtype only (floats are refused rather than rounded).
+    :meth:`identity` is the content-based one of ``HDF5Images`` (shape, file size and sampled
+    images), so moving the NSD folder keeps feature caches valid.
 
     Parameters
     ----------
@@ -297,38 +300,9 @@ class NSDStimuli:
         p = Path(path)
         if p.is_dir():
             p = layout.stimuli_path(p)
-        self.path = p
-        self.key = key
-        self.shape, self.dtype = self._header()
-
-    def _header(self) -> tuple[tuple[int, ...], np.dtype]:
-        import h5py
-
-        if not self.path.is_file():
-            raise DataFormatError(f"{self.path}: stimulus file not found")
-        try:
-            with h5py.File(self.path, "r") as f:
-                if self.key not in f:
-                    raise DataFormatError(f"{self.path}: dataset '{self.key}' not found; found {sorted(f.keys())}")
-                ds = f[self.key]
-                if not isinstance(ds, h5py.Dataset):
-                    raise DataFormatError(f"{self.path}: '{self.key}' is a group, not a dataset")
-                shape, dtype = tuple(ds.shape or ()), ds.dtype
-        except DataFormatError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - h5py raises OSError, KeyError, ValueError, ... on bad files
-            raise DataFormatError(f"{self.path}: not a readable HDF5 file ({_short(exc)})") from None
-        if len(shape) != 4 or shape[3] != 3 or dtype != np.uint8:
-            raise DataFormatError(f"{self.path}: '{self.key}' must be uint8 (N, H, W, 3); found {dtype} {shape}")
-        return shape, dtype
-
-    def __len__(self) -> int:
-        return int(self.shape[0])
-
-    def identity(self) -> str:
-        """``path|size|mtime_ns|shape``: changes whenever the file is rewritten."""
-        ident = file_identity(self.path)
-        return f"{ident['path']}|{ident['size']}|{ident['mtime_ns']}|{self.shape}"
+        if not p.is_file():
+            raise DataFormatError(f"{p}: stimulus file not found")
+        super().__init__(p, key=key)
 
     def read(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Images of 0-based 73k ``ids`` (any order, duplicates allowed).
@@ -342,30 +316,17 @@ class NSDStimuli:
         ndarray of uint8, shape (n, H, W, 3)
             ``out[i] = imgBrick[ids[i]]``.
         """
-        import h5py
-
         ids = np.asarray(ids)
         if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
             raise DataFormatError(f"image ids must be a 1-D integer array; found {ids.dtype} {ids.shape}")
-        ids = ids.astype(np.int64)
-        if ids.size == 0:
-            return np.empty((0,) + self.shape[1:], dtype=np.uint8)
-        if ids.min() < 0 or ids.max() >= self.shape[0]:
-            raise DataFormatError(f"{self.path}: 73k ids must lie in [0, {self.shape[0] - 1}] (0-based); "
+        n = len(self)
+        if ids.size and (ids.min() < 0 or ids.max() >= n):
+            raise DataFormatError(f"{self.path}: 73k ids must lie in [0, {n - 1}] (0-based); "
                                   f"found [{ids.min()}, {ids.max()}]")
-        from brainenc.features.images import read_runs
+        return super().read(ids.astype(np.int64))
 
-        # sorted unique ids read as contiguous slices (h5py point selection is ~30x slower
-        # on the one-image-per-chunk brick), then put back in the requested order
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        try:
-            with h5py.File(self.path, "r") as f:
-                block = read_runs(f[self.key], uniq)
-        except DataFormatError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - corrupt chunks: OSError, ValueError, ...
-            raise DataFormatError(f"{self.path}: failed to read images ({_short(exc)})") from None
-        return block[inverse.reshape(-1)]
+    def __repr__(self) -> str:
+        return f"NSDStimuli({str(self.path)!r}, key={self.key!r})"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -530,10 +530,12 @@ def _plan(root: Path, cfg: PrepareConfig) -> _Plan:
     stimuli = None
     if stim.is_file():
         st = nsdio.NSDStimuli(stim)
+        n_stim = len(st)
+        st.close()
         top = int(table.image_id[used].max())
-        if top >= len(st):
+        if top >= n_stim:
             raise DataFormatError(f"{stim}: 73k id {top} used by {cfg.subject} is out of range for "
-                                  f"'imgBrick' with {len(st)} images")
+                                  f"'imgBrick' with {n_stim} images")
         stimuli = stim
         sources.append(stim)
 

@@ -65,7 +65,6 @@ __all__ = [
     "SimulationExistsError",
     "simulate_subject",
     "make_design",
-    "ground_truth_path",
     "compute_ncsnr",
 ]
 
@@ -238,11 +237,6 @@ class SimulationResult:
     n_trials: int = 0
     n_voxels: int = 0
     seconds: float = 0.0
-
-
-def ground_truth_path(nsd_root: str | Path, subject: str) -> Path:
-    """``<nsd_root>/brainenc_ground_truth_subjXX.h5``."""
-    return Path(nsd_root) / f"brainenc_ground_truth_{check_subject(subject)}.h5"
 
 
 # --------------------------------------------------------------------------------------------
@@ -849,7 +843,7 @@ def _simulate(root: Path, cfg: SimulationConfig, overwrite: bool) -> SimulationR
     files["ncsnr"] = p
 
     # ---- ground truth
-    gt = ground_truth_path(root, subj)
+    gt = layout.ground_truth_file(root, subj)
     shared = image_ids[np.isin(image_ids, design["sharedix"] - 1)]
     with atomic_path(gt) as tmp, h5py.File(tmp, "w") as f:
         def put(name, data, **kw):

@@ -98,6 +98,10 @@ class ArrayImages:
         return f"ArrayImages(shape={self.array.shape})"
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
 def read_runs(ds, sorted_ids: np.ndarray) -> np.ndarray:
     """Read rows ``sorted_ids`` (sorted, unique) of an h5py dataset as contiguous slices.
 
@@ -155,12 +159,21 @@ class HDF5Images:
         if self._fh is None or self._pid != os.getpid():
             try:
                 self._fh = h5py.File(self.path, "r")
-            except OSError as exc:
-                raise DataFormatError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+            except Exception as exc:  # noqa: BLE001 - h5py raises OSError, ValueError, ... on bad files
+                raise DataFormatError(f"{self.path}: not a readable HDF5 file ({_one_line(exc)})") from None
             self._pid = os.getpid()
-        if self.key not in self._fh:
-            raise DataFormatError(f"{self.path}: no dataset '{self.key}' (found: {', '.join(self._fh.keys())})")
-        return self._fh[self.key]
+        try:
+            if self.key not in self._fh:
+                raise DataFormatError(f"{self.path}: no dataset '{self.key}' (found: {', '.join(self._fh.keys())})")
+            ds = self._fh[self.key]
+            if not isinstance(ds, h5py.Dataset):
+                raise DataFormatError(f"{self.path}: '{self.key}' is a group, not a dataset")
+            ds.shape, ds.dtype  # noqa: B018 - a damaged header fails here, not in a caller
+        except DataFormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - damaged metadata: OSError, KeyError, ValueError, ...
+            raise DataFormatError(f"{self.path}: not a readable HDF5 file ({_one_line(exc)})") from None
+        return ds
 
     def __len__(self) -> int:
         return int(self._dataset().shape[0])
@@ -169,13 +182,20 @@ class HDF5Images:
     def shape(self) -> tuple[int, ...]:
         return tuple(self._dataset().shape)
 
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dataset().dtype
+
     def read(self, ids) -> np.ndarray:
         ds = self._dataset()
         ids = check_image_ids(ids, ds.shape[0])
         if ids.size == 0:
             return np.zeros((0,) + tuple(ds.shape[1:]), dtype=np.uint8)
         uniq, inverse = np.unique(ids, return_inverse=True)
-        block = read_runs(ds, uniq)
+        try:
+            block = read_runs(ds, uniq)
+        except Exception as exc:  # noqa: BLE001 - corrupt chunks: OSError, ValueError, ...
+            raise DataFormatError(f"{self.path}: failed to read images ({_one_line(exc)})") from None
         return np.ascontiguousarray(block[inverse.reshape(-1)])
 
     def identity(self) -> str:
@@ -185,7 +205,10 @@ class HDF5Images:
             k = max(1, min(self.n_identity_samples, n))
             sample = np.unique(np.linspace(0, n - 1, k).round().astype(np.int64))
             h = hashlib.sha256(f"{tuple(ds.shape)}|{self.path.stat().st_size}".encode())
-            h.update(np.ascontiguousarray(ds[sample]).tobytes())
+            try:
+                h.update(np.ascontiguousarray(ds[sample]).tobytes())
+            except Exception as exc:  # noqa: BLE001 - corrupt chunks: OSError, ValueError, ...
+                raise DataFormatError(f"{self.path}: failed to read images ({_one_line(exc)})") from None
             self._identity = f"hdf5:{self.path.name}:{self.key}:{h.hexdigest()[:32]}"
         return self._identity
 

@@ -18,6 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from brainenc._utils.io import write_json
+from brainenc.datasets.noise_ceiling import noise_ceiling
 from brainenc.exceptions import DataFormatError
 
 __all__ = ["load_ground_truth", "match_voxels", "true_noise_ceiling", "compare_ground_truth"]
@@ -84,10 +85,11 @@ def match_voxels(geometry: Mapping, ijk: np.ndarray) -> np.ndarray:
 def true_noise_ceiling(snr, n_repeats: float) -> np.ndarray:
     """Noise ceiling (fraction of variance) of an ``n_repeats`` average at signal-to-noise ``snr``.
 
-    ``NC = SNR² / (SNR² + 1/n)``, the NSD definition with the true SNR in place of ncsnr.
+    ``NC = SNR² / (SNR² + 1/n)``, the NSD definition with the true SNR in place of ncsnr: the
+    formula lives in :func:`brainenc.datasets.noise_ceiling.noise_ceiling` (``n_repeats`` here is
+    the mean trials per test image, so ``1/n`` is ``1/n_repeats``).
     """
-    s2 = np.asarray(snr, dtype=np.float64) ** 2
-    return s2 / (s2 + 1.0 / float(n_repeats))
+    return noise_ceiling(snr, float(n_repeats))
 
 
 def _corr(a, b) -> float:

@@ -197,24 +197,6 @@ def _maybe_simulate(spec: PipelineSpec, nsd: Path) -> None:
     log.info("simulated %s in %.1f s", spec.prepare.subject, time.perf_counter() - t0)
 
 
-def _ground_truth_path(nsd: Path, subject: str) -> Path | None:
-    """The simulator's ground-truth file for ``subject`` if this NSD root is simulated."""
-    from brainenc.datasets import layout
-
-    man = layout.simulation_manifest(nsd)
-    if man is None:
-        return None
-    entry = man.get("subjects", {}).get(subject, {})
-    rel = entry.get("ground_truth") or man.get("ground_truth")
-    if isinstance(rel, dict):
-        rel = rel.get(subject)
-    if not rel:
-        return None
-    p = Path(rel)
-    p = p if p.is_absolute() else Path(nsd) / p
-    return p if p.exists() else None
-
-
 # ----------------------------------------------------------------------------------------------
 # shared loaders (cached in the run's in-memory state)
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +247,9 @@ def _stage_prepare(spec: PipelineSpec, data_dir: Path, nsd: Path):
 
         ds = prepare_subject(nsd, spec.prepare, cache_root=prepared_root(data_dir))
         ctx.state["dataset"] = ds
-        gt = _ground_truth_path(nsd, spec.prepare.subject)
+        from brainenc.datasets.layout import ground_truth_path
+
+        gt = ground_truth_path(nsd, spec.prepare.subject)
         return {"prepared": str(ds.path), "cache_hit": ds.cache_hit, "n_samples": ds.n_samples,
                 "n_voxels": ds.n_voxels, "splits": ds.split_counts(), "space": ds.geometry.get("space"),
                 "ground_truth": None if gt is None else str(gt), "files": [str(ds.path)]}

@@ -105,13 +105,30 @@ def test_stimuli_read_any_order_with_duplicates(nsd_subject):
         st.read([-1])
 
 
-def test_stimuli_identity_tracks_rewrites(tmp_path):
-    p = fx.write_stimuli(tmp_path, [1], n_images=5)
+def test_stimuli_identity_is_content_based(tmp_path):
+    """One reader: NSDStimuli is HDF5Images, whose identity survives moving the folder (not a rewrite)."""
+    import shutil
+
+    from brainenc.features.images import HDF5Images
+
+    p = fx.write_stimuli(tmp_path / "a", [1], n_images=5)
     st = NSDStimuli(p)
+    assert isinstance(st, HDF5Images)
     ident = st.identity()
-    assert str(p.resolve()) in ident and "(5, 425, 425, 3)" in ident
-    os.utime(p, ns=(1, 10**9))
-    assert NSDStimuli(p).identity() != ident
+    assert ident == HDF5Images(p).identity()
+    os.utime(p, ns=(1, 10**9))  # touching the file keeps the content, so the identity
+    assert NSDStimuli(p).identity() == ident
+    moved = tmp_path / "moved" / p.name
+    moved.parent.mkdir()
+    shutil.copy(p, moved)
+    m = NSDStimuli(moved)
+    assert m.identity() == ident
+    m.close()
+    with h5py.File(moved, "r+") as f:
+        f["imgBrick"][0] = 255 - f["imgBrick"][0]
+    assert NSDStimuli(moved).identity() != ident
+    with pytest.raises(DataFormatError, match="integer"):
+        st.read(np.array([0.0, 1.0]))
 
 
 # --------------------------------------------------------------------------------- bad files

@@ -10,8 +10,12 @@ def test_prepare_reads_simulated_subject(tmp_path):
     from brainenc.datasets.simulate import SimulationConfig, simulate_subject
 
     root = tmp_path / "nsd"
-    simulate_subject(root, SimulationConfig(n_sessions=1, n_shared=30, grid=(16, 18, 16), write_hdf5_betas=True,
-                                            write_stim_info=False))
+    res = simulate_subject(root, SimulationConfig(n_sessions=1, n_shared=30, grid=(16, 18, 16),
+                                                  write_hdf5_betas=True, write_stim_info=False))
+    # the writer's target and the readers' lookup agree (both in layout)
+    from brainenc.datasets import layout
+
+    assert layout.ground_truth_path(root, "subj01") == res.ground_truth_path == layout.ground_truth_file(root, "subj01")
     cache = tmp_path / "prepared"
     a = prepare_subject(root, PrepareConfig(), cache_root=cache)
     b = prepare_subject(root, PrepareConfig(fmt="hdf5"), cache_root=cache)

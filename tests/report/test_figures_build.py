@@ -139,3 +139,16 @@ def test_ground_truth_comparison(tmp_path):
                        ReportOptions(figures=False))
     assert "ground_truth.json" in out["files"]
     assert "Comparison with the simulator's ground truth" in (tmp_path / "rep" / "index.md").read_text()
+
+
+def test_true_noise_ceiling_is_the_datasets_formula():
+    """The ground-truth ceiling is the datasets' NSD formula, bit for bit the old inline one."""
+    from brainenc.datasets.noise_ceiling import noise_ceiling
+
+    snr = np.array([0.0, 0.1, 0.37, 1.0, 2.5, np.nan, 7.0])
+    for n in (1, 2, 3, 2.7):
+        s2 = snr ** 2
+        with np.errstate(invalid="ignore"):
+            old = s2 / (s2 + 1.0 / float(n))
+        np.testing.assert_array_equal(true_noise_ceiling(snr, n), old)
+        np.testing.assert_array_equal(true_noise_ceiling(snr, n), noise_ceiling(snr, n))
