@@ -53,6 +53,8 @@ resume without extra state.
 """
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -107,7 +109,7 @@ class Validation:
     scores: np.ndarray | None = None
 
 
-class Objective:
+class Objective(abc.ABC):
     """Base class of training objectives (see the module doc for the contract).
 
     Subclasses set ``metric``, ``mode`` and ``keys`` and implement :meth:`loss`; the default
@@ -153,9 +155,9 @@ class Objective:
         return -math.inf if self.mode == "max" else math.inf
 
     # ---- the objective -------------------------------------------------------------------------
+    @abc.abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> LossSum:
         """Sum of the loss terms of this rank's shard; see the module doc."""
-        raise NotImplementedError
 
     def validate(self, model: nn.Module, batches: Iterable[Batch]) -> Validation:
         """Default: ``{"val_loss": Σ total / Σ count}`` over the validation batches."""
