@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from brainenc._utils.validation import check_option
+from brainenc.exceptions import ConfigError
 
 __all__ = ["sine_2d", "SinePositional2d", "LearnedPositional2d", "NoPositional", "make_positional", "POSITIONAL_KINDS"]
 
@@ -42,7 +43,7 @@ def sine_2d(height: int, width: int, dim: int, *, temperature: float = 10000.0, 
         Channels ``[:dim/2]`` encode the row, ``[dim/2:]`` the column.
     """
     if dim % 4 != 0:
-        raise ValueError(f"'dim' must be divisible by 4 for the 2-D sine code; {dim} was provided")
+        raise ConfigError(f"'dim' must be divisible by 4 for the 2-D sine code; {dim} was provided")
     half = dim // 2
     y = torch.arange(1, height + 1, dtype=torch.float64)[:, None].expand(height, width)
     x = torch.arange(1, width + 1, dtype=torch.float64)[None, :].expand(height, width)

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from brainenc._utils.io import atomic_path
+from brainenc.exceptions import ConfigError, DataFormatError
 
 __all__ = ["maps_by_query", "upsample_map", "plot_attention_maps", "plot_top_images", "roi_mean_responses",
            "attention_filename"]
@@ -41,9 +42,11 @@ def maps_by_query(attn: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarra
     attn = np.asarray(attn)
     axis = 1 if attn.ndim == 4 else 2
     if attn.ndim not in (4, 5) or attn.shape[axis] != len(names):
-        raise ValueError(f"attention of shape {attn.shape} does not have {len(names)} queries on axis {axis}")
+        raise DataFormatError(f"'attn' must be [n, Q, h, w] or [n, H, Q, h, w] with Q = len(names) = {len(names)}; "
+                              f"got shape {attn.shape}")
     if len(set(names)) != len(names):
-        raise ValueError("query names must be unique")
+        dup = sorted({str(n) for n in names if list(names).count(n) > 1})
+        raise ConfigError(f"'names' must be unique; {dup} appear more than once")
     return {name: np.take(attn, i, axis=axis) for i, name in enumerate(names)}
 
 
@@ -114,8 +117,12 @@ def plot_attention_maps(images: np.ndarray, attn: np.ndarray, names: Sequence[st
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) != np.shape(attn)[0]:
-        raise ValueError(f"images must be [n, H, W, 3] with n = {np.shape(attn)[0]}; got {images.shape}")
+        raise DataFormatError(f"'images' must be [n, H, W, 3] with n = len(attn) = {np.shape(attn)[0]}; "
+                              f"got shape {images.shape}")
     maps = maps_by_query(attn, names)
+    unknown = [q for q in (queries or ()) if q not in maps]
+    if unknown:
+        raise ConfigError(f"'queries' must be a subset of 'names'; {unknown} are not query names")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = min(len(images), max_images)
@@ -182,7 +189,8 @@ def plot_top_images(images: np.ndarray, responses: np.ndarray, names: Sequence[s
     """
     responses = np.asarray(responses)
     if responses.shape != (len(images), len(names)):
-        raise ValueError(f"responses must be [{len(images)}, {len(names)}]; got {responses.shape}")
+        raise DataFormatError(f"'responses' must be [n_images, len(names)] = [{len(images)}, {len(names)}]; "
+                              f"got shape {responses.shape}")
     k = min(k, len(images))
     fig = _figure(1.6 * k + 1.2, 1.6 * max(1, len(names)))
     axes = fig.subplots(max(1, len(names)), k, squeeze=False)

@@ -73,7 +73,7 @@ class ArrayDataset(Dataset):
 
     def __init__(self, X: np.ndarray, Y: np.ndarray | None = None):
         if Y is not None and len(X) != len(Y):
-            raise ValueError(f"X has {len(X)} rows, Y has {len(Y)}")
+            raise DataFormatError(f"'X' has {len(X)} rows, 'Y' has {len(Y)}; they must have the same number of rows")
         self.X, self.Y = X, Y
 
     def __len__(self) -> int:

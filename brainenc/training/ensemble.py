@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from brainenc.exceptions import ConfigError, DataFormatError
+
 __all__ = ["softmax_weights", "mix_predictions", "SoftmaxEnsemble"]
 
 
@@ -28,7 +30,7 @@ def softmax_weights(val_scores: np.ndarray, tau: float = 40.0) -> np.ndarray:
     """
     s = np.asarray(val_scores, dtype=np.float64)
     if s.ndim != 2:
-        raise ValueError(f"val_scores must be [M, V]; got shape {s.shape}")
+        raise DataFormatError(f"'val_scores' must be [M, V] (members x voxels); got shape {s.shape}")
     logits = tau * np.where(np.isnan(s), -np.inf, s)
     all_nan = np.all(np.isnan(s), axis=0)
     logits[:, all_nan] = 0.0
@@ -52,7 +54,8 @@ def mix_predictions(predictions, weights: np.ndarray) -> np.ndarray:
     w = np.asarray(weights)
     preds = list(predictions)
     if len(preds) == 0 or len(preds) != len(w):
-        raise ValueError(f"{len(w)} weight rows for {len(preds)} members")
+        raise DataFormatError(f"'predictions' has {len(preds)} members but 'weights' has {len(w)} rows; "
+                              f"they must match (and be at least 1)")
     out = np.zeros(np.shape(preds[0]), dtype=np.float64)
     for m, p in enumerate(preds):
         out += np.asarray(p, dtype=np.float64) * w[m][None, :]
@@ -90,7 +93,8 @@ class SoftmaxEnsemble:
         preds = list(val_predictions)
         groups = list(range(len(preds))) if groups is None else list(groups)
         if len(groups) != len(preds):
-            raise ValueError(f"{len(groups)} group labels for {len(preds)} members")
+            raise ConfigError(f"'groups' must have one label per member ({len(preds)}); "
+                              f"{len(groups)} labels were provided")
         self.groups_ = list(dict.fromkeys(groups))
         self._members = groups
         gp = self._group_means(preds)
@@ -116,5 +120,6 @@ class SoftmaxEnsemble:
         """Mix member predictions (same member order as in :meth:`fit`) -> float32 [n, V]."""
         preds = list(predictions)
         if len(preds) != len(self._members):
-            raise ValueError(f"expected {len(self._members)} member predictions; got {len(preds)}")
+            raise DataFormatError(f"'predictions' must have the {len(self._members)} members given to fit; "
+                                  f"got {len(preds)}")
         return mix_predictions(self._group_means(preds), self.weights_)

@@ -296,22 +296,25 @@ class Trainer:
     def _as_mappings(self, train, Y, val) -> tuple[Mapping[str, Any], Mapping[str, Any] | None]:
         if isinstance(train, Mapping):
             if Y is not None:
-                raise TypeError("fit(train_mapping, ...) takes no Y: put the targets in the mapping "
-                                "(e.g. {'x': X, 'y': Y}), or call fit(X, Y, val=(X_val, Y_val))")
+                raise ConfigError("fit(train_mapping, ...) takes no 'Y': put the targets in the mapping "
+                                  "(e.g. {'x': X, 'y': Y}), or call fit(X, Y, val=(X_val, Y_val))")
             if val is not None and not isinstance(val, Mapping):
-                raise TypeError("with a mapping of training arrays, 'val' must be a mapping with the same keys")
+                raise ConfigError(f"'val' must be a mapping with the keys of 'train' when 'train' is a mapping; "
+                                  f"got {type(val).__name__}")
             return train, val
         # array form fit(X, Y, (X_val, Y_val)) = {"x": X, "y": Y}
         X = train
         if Y is None:
-            raise TypeError("fit(X, Y) needs Y (or pass a mapping of named arrays, e.g. {'x': X, 'y': Y})")
+            raise ConfigError("fit(X, Y) needs 'Y' when 'train' is an array "
+                              "(or pass a mapping of named arrays, e.g. {'x': X, 'y': Y})")
         if len(X) != len(Y):
             raise DataFormatError(f"X has {len(X)} rows, Y has {len(Y)}")
         if np.asarray(Y[:1]).ndim != 2:
             raise DataFormatError(f"Y must be [n, V]; got shape {np.shape(Y)}")
         if val is not None:
-            if isinstance(val, Mapping) or len(val) != 2:
-                raise TypeError("with arrays X, Y, 'val' must be a pair (X_val, Y_val)")
+            if isinstance(val, Mapping) or not hasattr(val, "__len__") or len(val) != 2:
+                got = type(val).__name__ + (f" of length {len(val)}" if hasattr(val, "__len__") else "")
+                raise ConfigError(f"'val' must be a pair (X_val, Y_val) when 'train' is an array; got {got}")
             val = {"x": val[0], "y": val[1]}
         return {"x": X, "y": Y}, val
 

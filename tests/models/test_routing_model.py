@@ -226,6 +226,12 @@ def test_sine_code_matches_formula():
         assert abs(grid[i, j, half + c].item() - trig(x / f)) < 1e-6
 
 
+def test_sine_code_rejects_a_width_not_divisible_by_4():
+    with pytest.raises(ConfigError, match=r"'dim' must be divisible by 4 for the 2-D sine code; 6 was provided") as exc:
+        sine_2d(3, 5, 6)
+    assert isinstance(exc.value, ValueError) and "\n" not in str(exc.value)
+
+
 def _naive_routing(q, k, v, w, c):
     a = torch.softmax(torch.einsum("hvd,bhpd->bhvp", q, k) / math.sqrt(q.shape[-1]), -1)
     return torch.einsum("bhvd,hvd->bv", torch.einsum("bhvp,bhpd->bhvd", a, v), w) + c

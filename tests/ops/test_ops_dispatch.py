@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from brainenc.exceptions import ConfigError
+from brainenc.exceptions import BrainencError, ConfigError, DataFormatError
 from brainenc.ops import (
     OPS,
     Constraints,
@@ -183,14 +183,24 @@ def test_memory_budget_parsing(monkeypatch):
     ],
 )
 def test_input_validation_names_the_argument(mutate, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(DataFormatError, match=match) as exc:
         routing_attention(*mutate(*inputs()))
+    _assert_one_line_value_error(exc.value)
+    with pytest.raises(DataFormatError, match=match):  # the backend query validates alike
+        select_routing_backend(*mutate(*inputs()))
+
+
+def _assert_one_line_value_error(err):
+    # a brainenc error (the CLI prints it as one line) that ``except ValueError`` still catches
+    assert isinstance(err, BrainencError) and isinstance(err, ValueError)
+    assert "\n" not in str(err)
 
 
 def test_device_mismatch_is_reported():
     q, k, v, w, c = inputs()
-    with pytest.raises(ValueError, match="'k' is on meta but q is on cpu"):
+    with pytest.raises(DataFormatError, match="'k' is on meta but q is on cpu") as exc:
         routing_attention(q, k.to("meta"), v, w, c)
+    _assert_one_line_value_error(exc.value)
 
 
 @pytest.mark.parametrize("backend", ["auto", "chunked", "triton"])
@@ -216,10 +226,15 @@ def test_multi_subject_matches_per_subject_calls(backend):
 
 def test_multi_subject_length_mismatch():
     q, k, v, w, c = inputs()
-    with pytest.raises(ValueError, match="'ws' has 1 entries but 'qs' has 2"):
+    with pytest.raises(DataFormatError, match="'ws' has 1 entries but 'qs' has 2") as exc:
         routing_attention_multi([q, q], k, v, [w])
-    with pytest.raises(ValueError, match="'cs' has 1 entries"):
+    _assert_one_line_value_error(exc.value)
+    with pytest.raises(DataFormatError, match="'cs' has 1 entries"):
         routing_attention_multi([q, q], k, v, [w, w], [c])
+    with pytest.raises(DataFormatError, match="'ks' has 3 entries but 'qs' has 2"):
+        routing_attention_multi([q, q], [k, k, k], v, [w, w])
+    with pytest.raises(DataFormatError, match="'vs' has 1 entries but 'qs' has 2"):
+        routing_attention_multi([q, q], k, [v], [w, w])
 
 
 def test_import_does_not_import_triton():

@@ -48,11 +48,10 @@ _spec.loader.exec_module(W)
 N_TOK, F, V = 6, 8, 5
 
 
-def _reg_data(n=30, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, N_TOK, F)).astype(np.float32)
-    Y = (X[:, 2, :V] + 0.2 * rng.standard_normal((n, V))).astype(np.float32)
-    return X, Y
+@pytest.fixture
+def reg_data(toy_regression):
+    """``reg_data(n=30, seed=0) -> (X [n, N_TOK, F], Y [n, V])``: Y is token 2's first V features + noise."""
+    return lambda n=30, seed=0: toy_regression(n, seed, n_tok=N_TOK, dim=F, n_vox=V, signal_token=2)
 
 
 class _Reg(nn.Module):
@@ -71,17 +70,6 @@ def _reg_model(seed=1, dropout=0.1):
     return _Reg(dropout)
 
 
-class _Kill(Exception):
-    pass
-
-
-def _kill_after(epoch):
-    def cb(trainer, record):
-        if record["epoch"] == epoch:
-            raise _Kill
-    return cb
-
-
 def _strip(history):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
 
@@ -93,8 +81,8 @@ def _assert_same_state(a, b):
 
 
 # ---- voxel regression: the dict API is the array API --------------------------------------------
-def test_voxel_regression_dict_form_equals_array_form():
-    X, Y = _reg_data()
+def test_voxel_regression_dict_form_equals_array_form(reg_data):
+    X, Y = reg_data()
     cfg = TrainConfig(epochs=3, batch_size=8, lr=3e-3, seed=5, device="cpu")
     ma, mb = _reg_model(), _reg_model()
     ra = Trainer(ma, cfg).fit(X[:24], Y[:24], (X[24:], Y[24:]))
@@ -110,8 +98,8 @@ def test_voxel_regression_dict_form_equals_array_form():
     assert rb.best_score == pytest.approx(np.mean(r), abs=1e-6)
 
 
-def test_voxel_regression_loss_is_the_global_mean_squared_error():
-    X, Y = _reg_data(10)
+def test_voxel_regression_loss_is_the_global_mean_squared_error(reg_data):
+    X, Y = reg_data(10)
     model = _reg_model(dropout=0.0)
     batch = {"x": torch.from_numpy(X), "y": torch.from_numpy(Y)}
     parts = VoxelRegression().loss(model, batch)
@@ -120,13 +108,23 @@ def test_voxel_regression_loss_is_the_global_mean_squared_error():
     torch.testing.assert_close(parts.total, ref, rtol=1e-6, atol=0)
 
 
-def test_fit_argument_errors():
-    X, Y = _reg_data(12)
+def test_fit_argument_errors(reg_data):
+    X, Y = reg_data(12)
     tr = Trainer(_reg_model(), TrainConfig(epochs=1, device="cpu"))
-    with pytest.raises(TypeError, match="takes no Y"):
-        tr.fit({"x": X, "y": Y}, Y)
-    with pytest.raises(TypeError, match="needs Y"):
-        tr.fit(X)
+    # calling fit the wrong way is a ConfigError naming the argument (still a ValueError, one line)
+    for args, kwargs, match in [
+        (({"x": X, "y": Y}, Y), {}, r"fit\(train_mapping, \.\.\.\) takes no 'Y'"),
+        ((X,), {}, r"fit\(X, Y\) needs 'Y' when 'train' is an array"),
+        (({"x": X, "y": Y},), {"val": (X, Y)}, r"'val' must be a mapping with the keys of 'train' when 'train' is a "
+                                               r"mapping; got tuple"),
+        ((X, Y), {"val": {"x": X, "y": Y}}, r"'val' must be a pair \(X_val, Y_val\) when 'train' is an array; "
+                                            r"got dict of length 2"),
+        ((X, Y), {"val": (X, Y, Y)}, r"'val' must be a pair .*; got tuple of length 3"),
+        ((X, Y), {"val": 3}, r"'val' must be a pair .*; got int$"),
+    ]:
+        with pytest.raises(ConfigError, match=match) as exc:
+            tr.fit(*args, **kwargs)
+        assert isinstance(exc.value, ValueError) and "\n" not in str(exc.value)
     with pytest.raises(DataFormatError, match=r"lacks the arrays \['y'\]"):
         tr.fit({"x": X})
     with pytest.raises(DataFormatError, match="differ in length"):
@@ -209,8 +207,8 @@ class _Scripted(Objective):
 
 
 @pytest.mark.parametrize("mode, best", [("min", 2), ("max", 3)])
-def test_best_epoch_follows_the_objective_mode(tmp_path, mode, best):
-    X, Y = _reg_data(20)
+def test_best_epoch_follows_the_objective_mode(tmp_path, mode, best, reg_data):
+    X, Y = reg_data(20)
     cfg = TrainConfig(epochs=4, batch_size=8, lr=1e-2, seed=0, device="cpu", keep_checkpoints=4)
     model = _reg_model()
     res = Trainer(model, cfg, objective=_Scripted([3.0, 1.0, 5.0, 2.0], mode), run_dir=tmp_path).fit(
@@ -224,14 +222,14 @@ def test_best_epoch_follows_the_objective_mode(tmp_path, mode, best):
     _assert_same_state(best_file, epoch_w)
 
 
-def test_default_validate_is_the_loss_ratio():
+def test_default_validate_is_the_loss_ratio(reg_data):
     class PlainMSE(Objective):
         keys = ("x", "y")
 
         def loss(self, model, batch):
             return LossSum(((model(batch["x"]) - batch["y"]) ** 2).sum(), batch["y"].numel())
 
-    X, Y = _reg_data(13)
+    X, Y = reg_data(13)
     model = _reg_model(dropout=0.5)
     tr = Trainer(model, TrainConfig(eval_batch_size=4, device="cpu"), objective=PlainMSE())
     loader, _ = make_dict_loader({"x": X, "y": Y}, batch_size=4)
@@ -243,16 +241,16 @@ def test_default_validate_is_the_loss_ratio():
     assert model.training is False  # validate restores the previous mode (eval here)
 
 
-def test_masked_resume_after_kill_is_bitwise_identical(tmp_path):
+def test_masked_resume_after_kill_is_bitwise_identical(tmp_path, kill):
     x = W.make_data(30)
     cfg = TrainConfig(epochs=4, batch_size=8, lr=5e-3, seed=2, device="cpu", optimizer="sgd", momentum=0.9,
                       schedule="warmup_cosine", warmup_epochs=1, min_lr=1e-4)
     data, val = {"x": x[:24]}, {"x": x[24:]}
     straight = W.make_model(dropout=0.2)  # dropout: resume must restore the torch RNG too
     res_a = Trainer(straight, cfg, objective=MaskedReconstruction(0.5, seed=3), run_dir=tmp_path / "a").fit(data, val=val)
-    with pytest.raises(_Kill):
+    with pytest.raises(kill.error):
         Trainer(W.make_model(dropout=0.2), cfg, objective=MaskedReconstruction(0.5, seed=3),
-                run_dir=tmp_path / "b").fit(data, val=val, callbacks=[_kill_after(2)])
+                run_dir=tmp_path / "b").fit(data, val=val, callbacks=[kill.after(2)])
     torch.manual_seed(999)
     np.random.seed(1)
     random.seed(2)
@@ -269,15 +267,15 @@ def test_masked_resume_after_kill_is_bitwise_identical(tmp_path):
     assert st["metric"] == "val_masked_mse"
 
 
-def test_resume_without_validation_is_bitwise_identical(tmp_path):
+def test_resume_without_validation_is_bitwise_identical(tmp_path, reg_data, kill):
     # before the objective refactor, resuming a run without validation looked for best/ weights that
     # are only written with validation and crashed
-    X, Y = _reg_data()
+    X, Y = reg_data()
     cfg = TrainConfig(epochs=3, batch_size=8, lr=2e-3, seed=4, device="cpu")
     straight = _reg_model()
     res_a = Trainer(straight, cfg, run_dir=tmp_path / "a").fit(X, Y)
-    with pytest.raises(_Kill):
-        Trainer(_reg_model(), cfg, run_dir=tmp_path / "b").fit(X, Y, callbacks=[_kill_after(1)])
+    with pytest.raises(kill.error):
+        Trainer(_reg_model(), cfg, run_dir=tmp_path / "b").fit(X, Y, callbacks=[kill.after(1)])
     resumed = _reg_model(seed=3)
     res_b = Trainer(resumed, cfg, run_dir=tmp_path / "b").fit(X, Y, resume=True)
     _assert_same_state(straight.state_dict(), resumed.state_dict())
@@ -426,8 +424,8 @@ def test_dict_dataset_reads_memmap_rows_lazily_with_dtypes(tmp_path):
         DictDataset({"x": arr, "y": labels[:4]})
 
 
-def test_dict_loader_has_the_same_global_order_as_the_array_loader():
-    X, Y = _reg_data(21)
+def test_dict_loader_has_the_same_global_order_as_the_array_loader(reg_data):
+    X, Y = reg_data(21)
     ga, gb = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     la, _ = make_loader(X, Y, batch_size=8, generator=ga)
     lb, sb = make_dict_loader({"x": X, "y": Y}, batch_size=8, generator=gb)

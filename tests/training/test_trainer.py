@@ -8,8 +8,10 @@ import pytest
 import torch
 from scipy.special import softmax
 
+from brainenc.exceptions import BrainencError, ConfigError, DataFormatError
 from brainenc.models import build_query_set, create_model
 from brainenc.training import (
+    ArrayDataset,
     GlobalBatchSampler,
     SoftmaxEnsemble,
     TrainConfig,
@@ -27,11 +29,10 @@ from brainenc.training import (
 N_TOK, F, V = 12, 24, 20
 
 
-def _data(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, N_TOK, F)).astype(np.float32)
-    Y = (X[:, 4, :V] + 0.2 * rng.standard_normal((n, V))).astype(np.float32)
-    return X, Y
+@pytest.fixture
+def data(toy_regression):
+    """(X [40, N_TOK, F], Y [40, V]): Y is token 4's first V features + noise (conftest.py)."""
+    return toy_regression(40, 0, n_tok=N_TOK, dim=F, n_vox=V, signal_token=4)
 
 
 def _model(seed=123, dropout=0.1):
@@ -40,8 +41,8 @@ def _model(seed=123, dropout=0.1):
     return create_model("routing_encoder_tiny", feature_dim=F, grid=(3, 4), n_voxels=V, dropout=dropout, query_set=qs)
 
 
-def test_two_steps_lower_the_loss():
-    X, Y = _data()
+def test_two_steps_lower_the_loss(data):
+    X, Y = data
     model = _model(dropout=0.0)
     x, y = torch.from_numpy(X[:16]), torch.from_numpy(Y[:16])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -55,24 +56,13 @@ def test_two_steps_lower_the_loss():
     assert losses[2] < losses[1] < losses[0]
 
 
-class _Kill(Exception):
-    pass
-
-
-def _kill_after(epoch):
-    def cb(trainer, record):
-        if record["epoch"] == epoch:
-            raise _Kill
-    return cb
-
-
-def test_resume_after_kill_is_bitwise_identical(tmp_path):
-    X, Y = _data()
+def test_resume_after_kill_is_bitwise_identical(tmp_path, data, kill):
+    X, Y = data
     cfg = TrainConfig(epochs=4, batch_size=8, lr=2e-3, seed=7)
     straight = _model()
     res_a = Trainer(straight, cfg, run_dir=tmp_path / "a").fit(X[:32], Y[:32], (X[32:], Y[32:]))
-    with pytest.raises(_Kill):
-        Trainer(_model(), cfg, run_dir=tmp_path / "b").fit(X[:32], Y[:32], (X[32:], Y[32:]), callbacks=[_kill_after(2)])
+    with pytest.raises(kill.error):
+        Trainer(_model(), cfg, run_dir=tmp_path / "b").fit(X[:32], Y[:32], (X[32:], Y[32:]), callbacks=[kill.after(2)])
     # the "new process": other init, scrambled global RNGs; everything must come from the checkpoint
     torch.manual_seed(999)
     np.random.seed(1)
@@ -97,8 +87,8 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
 
 
-def test_checkpoint_files_are_safetensors_and_json_only(tmp_path):
-    X, Y = _data()
+def test_checkpoint_files_are_safetensors_and_json_only(tmp_path, data):
+    X, Y = data
     Trainer(_model(), TrainConfig(epochs=1, batch_size=16), run_dir=tmp_path).fit(X, Y)
     files = sorted(p.name for p in (tmp_path / "checkpoints").rglob("*") if p.is_file())
     assert files == ["latest.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
@@ -107,10 +97,10 @@ def test_checkpoint_files_are_safetensors_and_json_only(tmp_path):
             assert not p.read_bytes().startswith(b"\x80"), f"{p} looks like a pickle"
 
 
-def test_optimizer_state_round_trip():
+def test_optimizer_state_round_trip(data):
     model = _model(dropout=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    X, Y = _data()
+    X, Y = data
     for _ in range(2):
         loss = torch.nn.functional.mse_loss(model(torch.from_numpy(X[:4])), torch.from_numpy(Y[:4]))
         opt.zero_grad()
@@ -178,8 +168,41 @@ def test_softmax_ensemble_weights():
     assert ens2.weights_.shape == (2, 6)
 
 
+def _assert_one_line_value_error(err):
+    assert isinstance(err, BrainencError) and isinstance(err, ValueError) and "\n" not in str(err)
+
+
+def test_ensemble_input_errors():
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal((20, 4))
+    preds = [rng.standard_normal((20, 4)) for _ in range(3)]
+    cases = [
+        (DataFormatError, r"'val_scores' must be \[M, V\] \(members x voxels\); got shape \(4,\)",
+         lambda: softmax_weights(np.zeros(4))),
+        (DataFormatError, r"'predictions' has 3 members but 'weights' has 2 rows",
+         lambda: mix_predictions(preds, np.full((2, 4), 0.5))),
+        (DataFormatError, r"'predictions' has 0 members but 'weights' has 0 rows",
+         lambda: mix_predictions([], np.zeros((0, 4)))),
+        (ConfigError, r"'groups' must have one label per member \(3\); 2 labels were provided",
+         lambda: SoftmaxEnsemble().fit(preds, y, groups=["a", "b"])),
+        (DataFormatError, r"'predictions' must have the 3 members given to fit; got 2",
+         lambda: SoftmaxEnsemble().fit(preds, y, groups=["a", "a", "b"]).predict(preds[:2])),
+    ]
+    for cls, match, call in cases:
+        with pytest.raises(cls, match=match) as exc:
+            call()
+        _assert_one_line_value_error(exc.value)
+
+
+def test_array_dataset_rejects_unequal_rows():
+    with pytest.raises(DataFormatError, match=r"'X' has 5 rows, 'Y' has 4; they must have the same number of rows") \
+            as exc:
+        ArrayDataset(np.zeros((5, 2, 3), np.float32), np.zeros((4, 2), np.float32))
+    _assert_one_line_value_error(exc.value)
+
+
 def test_row_subset_reads_memmap_rows_lazily(tmp_path):
-    from brainenc.training import ArrayDataset, RowSubset
+    from brainenc.training import RowSubset
 
     arr = np.arange(60, dtype=np.float32).reshape(10, 3, 2)
     np.save(tmp_path / "a.npy", arr)

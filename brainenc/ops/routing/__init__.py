@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from brainenc.exceptions import ConfigError
+from brainenc.exceptions import ConfigError, DataFormatError
 from brainenc.ops._dispatch import OPS, Constraints, register_backend, resolve_memory_budget, select_backend
 from brainenc.ops.routing.chunked import choose_chunk_size, choose_workers, chunked_memory, routing_chunked
 from brainenc.ops.routing.reference import routing_reference
@@ -58,13 +58,13 @@ AUTO_ORDER = {"cuda": ("triton", "sdpa", "chunked"), "cpu": ("sdpa", "chunked")}
 
 def _check_tensor(name: str, x, ndim: int, shape_doc: str) -> None:
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"routing_attention: '{name}' must be a torch.Tensor of shape {shape_doc}; got {type(x).__name__}")
+        raise DataFormatError(f"routing_attention: '{name}' must be a torch.Tensor of shape {shape_doc}; got {type(x).__name__}")
     if x.ndim != ndim:
-        raise ValueError(f"routing_attention: '{name}' must have shape {shape_doc}; got {tuple(x.shape)}")
+        raise DataFormatError(f"routing_attention: '{name}' must have shape {shape_doc}; got {tuple(x.shape)}")
     if x.dtype not in _FLOATS:
-        raise ValueError(f"routing_attention: '{name}' must be float16/bfloat16/float32/float64; got {x.dtype}")
+        raise DataFormatError(f"routing_attention: '{name}' must be float16/bfloat16/float32/float64; got {x.dtype}")
     if x.numel() == 0:
-        raise ValueError(f"routing_attention: '{name}' must be non-empty; got shape {tuple(x.shape)}")
+        raise DataFormatError(f"routing_attention: '{name}' must be non-empty; got shape {tuple(x.shape)}")
 
 
 def _check_inputs(q, k, v, w, c) -> tuple[int, int, int, int, int]:
@@ -76,22 +76,22 @@ def _check_inputs(q, k, v, w, c) -> tuple[int, int, int, int, int]:
     _check_tensor("v", v, 4, "[B, H, P, D]")
     B, _, P, _ = k.shape
     if tuple(w.shape) != (H, V, D):
-        raise ValueError(f"routing_attention: 'w' must have the shape of q {tuple(q.shape)}; got {tuple(w.shape)}")
+        raise DataFormatError(f"routing_attention: 'w' must have the shape of q {tuple(q.shape)}; got {tuple(w.shape)}")
     if k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"routing_attention: 'k' must have shape [B, H={H}, P, D={D}] to match q; got {tuple(k.shape)}")
+        raise DataFormatError(f"routing_attention: 'k' must have shape [B, H={H}, P, D={D}] to match q; got {tuple(k.shape)}")
     if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"routing_attention: 'v' must have the shape of k {tuple(k.shape)}; got {tuple(v.shape)}")
+        raise DataFormatError(f"routing_attention: 'v' must have the shape of k {tuple(k.shape)}; got {tuple(v.shape)}")
     named = [("w", w), ("k", k), ("v", v)]
     if c is not None:
         _check_tensor("c", c, 1, "[V]")
         if c.shape[0] != V:
-            raise ValueError(f"routing_attention: 'c' must have shape [V={V}]; got {tuple(c.shape)}")
+            raise DataFormatError(f"routing_attention: 'c' must have shape [V={V}]; got {tuple(c.shape)}")
         named.append(("c", c))
     for name, x in named:
         if x.dtype != q.dtype:
-            raise ValueError(f"routing_attention: '{name}' has dtype {x.dtype} but q has {q.dtype}; all inputs must share one dtype")
+            raise DataFormatError(f"routing_attention: '{name}' has dtype {x.dtype} but q has {q.dtype}; all inputs must share one dtype")
         if x.device != q.device:
-            raise ValueError(f"routing_attention: '{name}' is on {x.device} but q is on {q.device}; all inputs must share one device")
+            raise DataFormatError(f"routing_attention: '{name}' is on {x.device} but q is on {q.device}; all inputs must share one device")
     return B, H, V, P, D
 
 
@@ -166,8 +166,9 @@ def routing_attention(
 
     Raises
     ------
-    ValueError
-        Inputs with wrong shapes, mixed dtypes or devices (the message names the argument).
+    DataFormatError
+        Inputs that are not tensors, or with wrong shapes, a non-float dtype, mixed dtypes or
+        devices (a ``ValueError``; the message names the argument).
     ConfigError
         Unknown backend, a backend whose constraints reject the inputs, bad ``chunk_size`` /
         ``memory_budget``.
@@ -229,11 +230,11 @@ def routing_attention_multi(
     """
     n = len(qs)
     if len(ws) != n:
-        raise ValueError(f"routing_attention_multi: 'ws' has {len(ws)} entries but 'qs' has {n}")
+        raise DataFormatError(f"routing_attention_multi: 'ws' has {len(ws)} entries but 'qs' has {n}")
     ks = [ks] * n if isinstance(ks, torch.Tensor) else list(ks)
     vs = [vs] * n if isinstance(vs, torch.Tensor) else list(vs)
     cs = [None] * n if cs is None else list(cs)
     for name, seq in (("ks", ks), ("vs", vs), ("cs", cs)):
         if len(seq) != n:
-            raise ValueError(f"routing_attention_multi: '{name}' has {len(seq)} entries but 'qs' has {n}")
+            raise DataFormatError(f"routing_attention_multi: '{name}' has {len(seq)} entries but 'qs' has {n}")
     return [routing_attention(qs[i], ks[i], vs[i], ws[i], cs[i], **kwargs) for i in range(n)]
