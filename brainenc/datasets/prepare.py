@@ -6,13 +6,19 @@ choice in :class:`PrepareConfig` and of the identity (path, size, mtime) of ever
 returns a :class:`PreparedDataset` whose ``responses`` are memory-mapped. A second call with the same
 choices and unchanged files is a cache hit.
 
-Crash safety: the folder is built under a hidden ``.tmp-<name>-<host>-<pid>-<hex>`` name
-(:func:`brainenc._utils.io.temp_dir_name`), the ``COMPLETE`` marker is written last, and only then is the
-folder renamed to its final name; :func:`load_prepared` refuses folders without the marker, so a killed
-prepare never leaves a cache that looks complete. No lock is taken: two processes preparing the same key
-both build, the first rename wins and the other keeps the winner's folder. Temporary folders of dead
-processes are removed by the next prepare (:func:`brainenc._utils.io.remove_stale_temps`); those of live
-ones are left alone.
+Crash safety: the cache is a :class:`brainenc._utils.store.KeyedFolderStore` (see there)::
+
+    <cache_root>/
+        <name>/                              a complete prepared dataset (``COMPLETE`` marker in it)
+        .<name>.lock                         flock of the process preparing <name>
+        .tmp-<name>-<host>-<pid>-<hex>/      the folder being built (per process)
+
+The folder is built under the hidden per-process name, the ``COMPLETE`` marker is written last, and
+only then is the folder renamed to its final name; :func:`load_prepared` refuses folders without the
+marker, so a killed prepare never leaves a cache that looks complete. One process prepares a key at a
+time (the lock); a second prepare of the same key waits for it, then loads its result (a cache hit).
+Temporary folders of dead processes are removed by the next prepare (under the lock; those of live
+ones are left alone).
 
 Validation happens before any long work: every needed session file is checked (exists, header shape and
 dtype, payload size / gzip trailer), as are the mask and ROI grids, ids and names.
@@ -25,14 +31,14 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from brainenc._utils.io import load_npy, read_json, remove_stale_temps, save_npy, temp_dir_name, write_json
+from brainenc._utils.io import load_npy, read_json, save_npy, write_json
 from brainenc._utils.logging import get_logger, progress
+from brainenc._utils.store import KeyedFolderStore
 from brainenc._utils.validation import check_option, check_subject
 from brainenc.config import to_dict
 from brainenc.datasets import layout
@@ -50,6 +56,11 @@ MASKS = ("nsdgeneral", "brainmask", "none")
 REPEATS = ("average", "single")
 NCSNR_SOURCES = ("auto", "file", "compute")
 _log = get_logger("datasets.prepare")
+
+
+def prepared_store(cache_root: str | Path) -> KeyedFolderStore:
+    """The prepared-dataset cache under ``cache_root`` (one entry folder per cache key)."""
+    return KeyedFolderStore(cache_root, marker=COMPLETE, what="this prepared dataset")
 
 
 @dataclasses.dataclass
@@ -859,44 +870,6 @@ def _compute_ncsnr(plan, reader, file_row, m_used, sd_used, m_all, sd_all, const
         return ncsnr_from_variance(acc / n_ok)
 
 
-def _discard_incomplete(final: Path) -> None:
-    """Remove a marker-less folder at ``final`` (not one of ours: we rename only complete folders).
-
-    It is first renamed to a temporary name of this process, so a concurrent writer's rename onto
-    ``final`` is never deleted by mistake: should the folder moved aside turn out complete (another
-    process renamed its result in between), it is put back.
-    """
-    aside = final.parent / temp_dir_name(final.name)
-    try:
-        os.rename(final, aside)
-    except FileNotFoundError:
-        return
-    if (aside / COMPLETE).is_file():
-        try:
-            os.rename(aside, final)
-            return
-        except OSError:  # yet another result is in place now
-            pass
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename the complete folder ``tmp`` onto ``final``; if another process got there first, keep theirs."""
-    for _ in range(3):
-        try:
-            os.rename(tmp, final)
-            return
-        except OSError:
-            if (final / COMPLETE).is_file():  # another process finished the same key first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return
-            if not final.exists():
-                raise
-            _discard_incomplete(final)
-    raise DataFormatError(f"{final}: could not move the prepared dataset into place (the folder keeps "
-                          "reappearing without a COMPLETE marker; is another program writing there?)")
-
-
 def prepare_subject(nsd_root: str | Path, cfg: PrepareConfig | None = None,
                     cache_root: str | Path | None = None) -> PreparedDataset:
     """Prepare (or load from cache) one subject's dataset.
@@ -933,51 +906,43 @@ def prepare_subject(nsd_root: str | Path, cfg: PrepareConfig | None = None,
     plan = _plan(root, cfg)
     key, idents = _cache_key(plan)
     name = f"{cfg.subject}-{cfg.space}-{cfg.split}-{cfg.repeats}-{key}"
-    final = cache_root / name
-    if (final / COMPLETE).is_file():
-        return load_prepared(final, cache_hit=True)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    # temporaries of killed prepares (any key) go; those of live processes (a concurrent prepare) stay
-    remove_stale_temps(cache_root, recursive=False)
-    if final.exists() and not (final / COMPLETE).is_file():
-        _discard_incomplete(final)  # a folder without marker cannot come from us (rename is last)
-    tmp = cache_root / temp_dir_name(name)
-    tmp.mkdir()
-    try:
-        _log.info("preparing %s (%s, %s, %d sessions) -> %s", cfg.subject, cfg.space, cfg.split,
-                  len(plan.sessions), final)
-        stats = _build(plan, tmp)
-        manifest = {
-            "source": "nsd",
-            "choices": cfg.key_dict(),
-            "key": key,
-            "nsd_root": str(root.resolve()),
-            "n_sessions": plan.table.n_sessions,
-            "sessions_read": plan.sessions,
-            "partial": plan.partial,
-            "allow_partial": cfg.allow_partial,
-            "sources": idents,
-            "stimuli_path": None if plan.stimuli is None else str(plan.stimuli.resolve()),
-            "roi_families": list(plan.roi_labels),
-            "roi_names": {f: {str(k): v for k, v in t.items()} for f, t in plan.roi_names.items()},
-            "simulated": layout.simulation_manifest(root) is not None,
-            "versions": _versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "conventions": {
-                "image_ids": "0-based 73k ids", "sessions": "1-based", "global_trials": "0-based",
-                "units": "z-scores" if cfg.zscore else "% signal change",
-                "zscore": "per session and voxel, ddof 0, std 0 -> 1" + (
-                    ", statistics without test trials" if cfg.zscore_exclude_test else ", over all trials"),
-                "voxel_order": "np.nonzero on the (X, Y, Z) mask" if cfg.space != "fsaverage"
-                else "lh then rh, ascending vertex",
-                "noise_ceiling": "fraction ncsnr^2/(ncsnr^2 + mean(1/n)) over the test rows' repeat counts",
-            },
-            **stats,
-        }
-        write_json(tmp / "manifest.json", manifest)
-        write_json(tmp / COMPLETE, {"key": key})  # last file: marks the folder complete
-        _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return load_prepared(final, cache_hit=False)
+    store = prepared_store(cache_root)
+    done = store.complete(name)
+    if done is not None:
+        return load_prepared(done, cache_hit=True)
+    # one writer per key; a second prepare of the same key waits for it, then loads its result. Under
+    # the lock, temporaries of killed prepares (any key) go; those of live processes stay.
+    with store.write(name, marker={"key": key}, wait=None) as entry:
+        if entry.existing is None:
+            _log.info("preparing %s (%s, %s, %d sessions) -> %s", cfg.subject, cfg.space, cfg.split,
+                      len(plan.sessions), entry.final)
+            stats = _build(plan, entry.path)
+            manifest = {
+                "source": "nsd",
+                "choices": cfg.key_dict(),
+                "key": key,
+                "nsd_root": str(root.resolve()),
+                "n_sessions": plan.table.n_sessions,
+                "sessions_read": plan.sessions,
+                "partial": plan.partial,
+                "allow_partial": cfg.allow_partial,
+                "sources": idents,
+                "stimuli_path": None if plan.stimuli is None else str(plan.stimuli.resolve()),
+                "roi_families": list(plan.roi_labels),
+                "roi_names": {f: {str(k): v for k, v in t.items()} for f, t in plan.roi_names.items()},
+                "simulated": layout.simulation_manifest(root) is not None,
+                "versions": _versions(),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "conventions": {
+                    "image_ids": "0-based 73k ids", "sessions": "1-based", "global_trials": "0-based",
+                    "units": "z-scores" if cfg.zscore else "% signal change",
+                    "zscore": "per session and voxel, ddof 0, std 0 -> 1" + (
+                        ", statistics without test trials" if cfg.zscore_exclude_test else ", over all trials"),
+                    "voxel_order": "np.nonzero on the (X, Y, Z) mask" if cfg.space != "fsaverage"
+                    else "lh then rh, ascending vertex",
+                    "noise_ceiling": "fraction ncsnr^2/(ncsnr^2 + mean(1/n)) over the test rows' repeat counts",
+                },
+                **stats,
+            }
+            write_json(entry.path / "manifest.json", manifest)
+    return load_prepared(entry.final, cache_hit=entry.existing is not None)

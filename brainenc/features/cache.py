@@ -5,24 +5,28 @@ Layout::
     <cache_dir>/
         weights_sha256.json          {resolved path: {size, mtime_ns, sha256}} of weights files
         _identity/<hash>.json        backbone identities learnt from a build (see below)
-        <backbone>/<key>/
-            tokens.npy     float32|float16 [n_images, n_tokens, dim]    (absent when tokens="none")
-            pooled.npy     float32|float16 [n_images, dim]              (absent when pooled="none")
-            image_ids.npy  int64 [n_images]
-            meta.json      the full key description, grid, shapes
-            COMPLETE       written last; a folder without it is never read as a result
+        <backbone>/                  a :class:`brainenc._utils.store.KeyedFolderStore` (:func:`entry_store`)
+            <key>/                   a complete entry (never written in place)
+                tokens.npy     float32|float16 [n_images, n_tokens, dim]    (absent when tokens="none")
+                pooled.npy     float32|float16 [n_images, dim]              (absent when pooled="none")
+                image_ids.npy  int64 [n_images]
+                meta.json      the full key description, grid, shapes
+                COMPLETE       written last; a folder without it is never read as a result
+            .<key>.partial/          the entry being extracted (kept after a crash, resumed)
+            .<key>.lock              flock of its writer (pid and host)
 
-While extracting, rows go into ``tokens.partial.npy`` / ``pooled.partial.npy`` and
-``progress.json`` records how many rows are flushed to disk (rewritten atomically after every
-batch, always after the rows it counts), so a killed extraction resumes from its last
-finished batch; rows written after the last progress update are simply computed again.
-``progress.json`` is removed only after ``COMPLETE`` exists, so a kill inside the final renames
-resumes with nothing left to compute. A ``.lock`` file (``flock``-ed by the writer, holding its
-pid and host) keeps two processes from writing the same key at once; the kernel drops the lock
-when its process dies, so a lock file left by a killed process never blocks the next run.
-Temporaries (``.<name>.<host>-<pid>.<random>.tmp<suffix>``, ``.tmp-<name>-<host>-<pid>-<hex>``
-folders, see :mod:`brainenc._utils.io`) of dead processes are swept when an entry is opened
-for writing.
+While extracting, rows go into ``.<key>.partial/tokens.partial.npy`` / ``pooled.partial.npy`` and
+``progress.json`` there records how many rows are flushed to disk (rewritten atomically after every
+batch, always after the rows it counts), so a killed extraction resumes from its last finished
+batch; rows written after the last progress update are simply computed again. At the end the
+arrays get their final names, ``COMPLETE`` is written, ``progress.json`` removed and the folder
+renamed to ``<key>``; a kill after ``COMPLETE`` publishes the folder on the next open, one before it
+resumes with nothing left to compute. The ``.<key>.lock`` (``flock``-ed by the writer) keeps two
+processes from writing the same key at once (a live holder: :class:`CacheLockedError` at once); the
+kernel drops the lock when its process dies, so a lock file left by a killed process never blocks
+the next run. Temporaries (``.<name>.<host>-<pid>.<random>.tmp<suffix>``,
+``.tmp-<name>-<host>-<pid>-<hex>`` folders, see :mod:`brainenc._utils.io`) of dead processes are
+swept when an entry is opened for writing.
 
 The key (:func:`feature_key`) hashes: the backbone name and family, the weights identity
 (sha256 of the weights file, ``random-init+seed=...`` or ``fixed:...``), the library version
@@ -45,7 +49,6 @@ import contextlib
 import hashlib
 import os
 import re
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,15 +57,14 @@ import numpy as np
 
 from brainenc._utils.io import (
     LockedError,
-    exclusive_lock,
     load_npy,
     read_json,
     remove_stale_temps,
     save_npy,
     sha256_file,
     write_json,
-    write_text,
 )
+from brainenc._utils.store import KeyedFolderStore
 from brainenc.config import canonical_json
 from brainenc.exceptions import DataFormatError, MissingWeightsError
 
@@ -331,78 +333,36 @@ def write_identity_record(cache_root, request: dict, describe: dict, n_blocks: i
         pass
 
 
-# ---------------------------------------------------------------------- writer lock
+# ---------------------------------------------------------------------- entry store
 class CacheLockedError(LockedError):
     """Another live process is writing the same cache entry."""
 
 
-LOCK_NAME = ".lock"
-_HOST = socket.gethostname()
+PROGRESS_FILE = "progress.json"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def entry_store(backbone_folder) -> KeyedFolderStore:
+    """The entries of one backbone folder ``<cache_dir>/<backbone>/`` (one entry folder per key).
 
-
-def _lock_holder(lock: Path) -> tuple[int, str]:
-    try:
-        parts = lock.read_text().split()
-        return int(parts[0]), (parts[1] if len(parts) > 1 else "?")
-    except (OSError, ValueError, IndexError):
-        return 0, "?"
-
-
-def _locked_error(lock: Path) -> CacheLockedError:
-    pid, host = _lock_holder(lock)
-    who = f"pid {pid}" if pid else "a process that has not written its pid yet"
-    if pid and host == _HOST and not _pid_alive(pid):
-        who += " (exited; a child process it forked still holds the lock)"
-    elif host not in ("?", _HOST):
-        who += f" on host {host}"
-    return CacheLockedError(f"{lock}: locked by {who}, which is extracting these features; "
-                            "wait for it to finish or stop it")
-
-
-@contextlib.contextmanager
-def cache_lock(folder: Path):
-    """Exclusive writer lock on a cache folder: :func:`brainenc._utils.io.exclusive_lock` on
-    ``<folder>/.lock`` (an ``flock``, released by the kernel when the holder dies, so a lock left by
-    a killed run never blocks; a live holder raises :class:`CacheLockedError` at once, naming the
-    lock file and the holder's pid)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with exclusive_lock(folder / LOCK_NAME, "this feature-cache entry"):
-            yield
-    except LockedError as exc:
-        raise CacheLockedError(str(exc)) from None
-
-
-def sweep_stale(folder: Path) -> list[Path]:
-    """Remove temporaries of dead processes in an entry folder and next to it (its backbone folder)."""
-    removed = []
-    with contextlib.suppress(OSError):
-        removed += remove_stale_temps(folder, recursive=True)
-        removed += remove_stale_temps(folder.parent, recursive=False)
-    return removed
+    Writers fail at once when another live process writes the same entry
+    (:class:`CacheLockedError`, naming the lock file and the holder's pid).
+    """
+    return KeyedFolderStore(backbone_folder, marker="COMPLETE", what="this feature-cache entry",
+                            locked_error=CacheLockedError)
 
 
 # ---------------------------------------------------------------------- writer
 class CacheWriter:
-    """Row-wise writer of one cache entry with batch-granular resume (internal; hold the lock).
+    """Row-wise writer of one cache entry with batch-granular resume (internal).
 
-    Crash safety (a SIGKILL at any point): rows are flushed (``msync``) before
-    ``progress.json`` is atomically replaced, so ``n_done`` never counts rows that are not on
-    disk; rows written after the last progress update are recomputed on resume. :meth:`finish`
-    writes ids and meta, renames the partial arrays to their final names, writes ``COMPLETE``
-    and only then removes ``progress.json``: a kill inside it resumes with ``n_done == n_rows``
-    and finishes without computing anything (arrays are found under either name).
+    ``folder`` is the entry's resumable work folder (:meth:`KeyedFolderStore.write` with
+    ``resumable=True``, under its lock). Crash safety (a SIGKILL at any point): rows are flushed
+    (``msync``) before ``progress.json`` is atomically replaced, so ``n_done`` never counts rows that
+    are not on disk; rows written after the last progress update are recomputed on resume.
+    :meth:`finish` writes ids and meta and renames the partial arrays to their final names; a kill
+    inside it resumes with ``n_done == n_rows`` and finishes without computing anything (arrays are
+    found under either name). The store then writes ``COMPLETE``, removes ``progress.json`` (a
+    scratch file) and renames the folder into place.
     """
 
     _ARRAYS = ("tokens", "pooled")
@@ -419,7 +379,7 @@ class CacheWriter:
 
     @property
     def progress_file(self) -> Path:
-        return self.folder / "progress.json"
+        return self.folder / PROGRESS_FILE
 
     def _partial(self, name: str) -> Path:
         return self.folder / f"{name}.partial.npy"
@@ -463,18 +423,10 @@ class CacheWriter:
     def clear_partial(self) -> None:
         """Forget any unfinished state (progress first: a kill midway leaves nothing to resume from)."""
         self.tokens = self.pooled = None
-        for path in (self.progress_file, self._partial("tokens"), self._partial("pooled")):
+        for path in (self.progress_file, self._partial("tokens"), self._partial("pooled"), self._final("tokens"),
+                     self._final("pooled"), self.folder / "meta.json", self.folder / "image_ids.npy"):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self.folder / "COMPLETE").unlink()
-
-    def invalidate(self) -> None:
-        """Turn a completed (or damaged) entry back into an empty one, in place, under the lock."""
-        self.clear_partial()
-        for name in ("meta.json", "image_ids.npy", "tokens.npy", "pooled.npy"):
-            with contextlib.suppress(FileNotFoundError):
-                (self.folder / name).unlink()
 
     def allocate(self, tokens_shape, pooled_shape, grid, n_prefix) -> None:
         fmt = np.lib.format
@@ -533,7 +485,3 @@ class CacheWriter:
             del arr
             if src != self._final(name):
                 os.replace(src, self._final(name))
-        write_text(self.folder / "COMPLETE", self.key + "\n")  # marks the entry as valid
-        with contextlib.suppress(FileNotFoundError):
-            self.progress_file.unlink()  # after COMPLETE: a kill before this still finds every row
-

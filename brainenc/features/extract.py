@@ -15,14 +15,14 @@ from brainenc.config import from_dict
 from brainenc.exceptions import ConfigError
 from brainenc.features.cache import (
     CACHE_FORMAT,
+    PROGRESS_FILE,
     CacheWriter,
     FeatureSet,
-    cache_lock,
+    entry_store,
     feature_key,
     ids_digest,
     load_feature_set,
     safe_dirname,
-    sweep_stale,
 )
 from brainenc.features.images import as_image_source, check_image_ids
 
@@ -190,8 +190,8 @@ def extract_features(images, image_ids, spec: FeatureSpec | dict | str = None, c
 
     Notes
     -----
-    A killed run leaves ``*.partial.npy`` + ``progress.json``; the next call with the same key
-    resumes after the last finished batch. Results are only ever read from folders holding the
+    A killed run leaves ``<backbone>/.<key>.partial/`` (``*.partial.npy`` + ``progress.json``); the
+    next call with the same key resumes after the last finished batch. Results are only ever read from folders holding the
     ``COMPLETE`` marker whose ``meta.json`` key equals the requested key.
     """
     from brainenc.features.backbones import LayerNeedsModel, backbone_identity, record_identity
@@ -280,20 +280,19 @@ def _compute(source, ids, spec: FeatureSpec, backbone, info: dict, key: str, fol
     device = resolve_device(spec.device)
     layer = info["layer"]
     want_emb = spec.pooled == "model"
-    with cache_lock(folder):
-        sweep_stale(folder)
-        writer = CacheWriter(folder, key, len(ids), spec.dtype)
+    store = entry_store(folder.parent)
+    with store.write(folder.name, resumable=True, marker=key + "\n", scratch=(PROGRESS_FILE,)) as entry:
         if reset:
-            writer.invalidate()
-        else:
-            hit, damaged = _load_hit(folder, key)  # finished by another process while we got here
+            entry.invalidate()  # also forgets any partial progress
+        elif entry.existing is not None:
+            hit, damaged = _load_hit(entry.existing, key)  # finished by another process while we got here
             if hit is not None:
                 return hit
-            if damaged:
-                writer.invalidate()
+            entry.invalidate()
+        writer = CacheWriter(entry.path, key, len(ids), spec.dtype)
         start = writer.try_resume()
         if start:
-            log.info(f"resuming feature extraction at row {start}/{len(ids)} in {folder}")
+            log.info(f"resuming feature extraction at row {start}/{len(ids)} in {entry.path}")
         backbone.to(device)
         bs = int(spec.batch_size)
         starts = list(range(start, len(ids), bs))

@@ -435,25 +435,3 @@ def test_live_writers_temp_folder_is_kept_dead_ones_removed(nsd_subject, cache):
         child.wait()
     prepare_subject(nsd_subject.root, PrepareConfig(repeats="single"), cache_root=cache)
     assert not live.exists()  # its writer is gone now
-
-
-def test_publish_keeps_a_concurrent_winner_and_replaces_leftovers(tmp_path):
-    final = tmp_path / "key"
-    # a leftover without marker (not ours) is replaced
-    final.mkdir()
-    (final / "junk").write_text("x")
-    tmp = tmp_path / ".tmp-a"
-    tmp.mkdir()
-    (tmp / prep.COMPLETE).write_text("{}")
-    prep._publish(tmp, final)
-    assert (final / prep.COMPLETE).is_file() and not (final / "junk").exists() and not tmp.exists()
-    # another process's complete result is kept and ours dropped
-    (final / "theirs").write_text("1")
-    tmp2 = tmp_path / ".tmp-b"
-    tmp2.mkdir()
-    (tmp2 / prep.COMPLETE).write_text("{}")
-    prep._publish(tmp2, final)
-    assert (final / "theirs").is_file() and not tmp2.exists()
-    # a folder that became complete between the check and the discard is put back
-    prep._discard_incomplete(final)
-    assert (final / "theirs").is_file() and [p.name for p in tmp_path.iterdir()] == ["key"]

@@ -215,6 +215,29 @@ def test_stale_tmp_folder_of_dead_process_is_removed(nsd_subject, cache):
     assert not stale.exists()
 
 
+def test_concurrent_prepare_of_the_same_key_waits_then_loads(nsd_subject, cache):
+    import shutil
+    import threading
+
+    ds = prepare_subject(nsd_subject.root, PrepareConfig(), cache_root=cache)
+    name = ds.path.name
+    saved = cache.parent / "saved"
+    shutil.copytree(ds.path, saved)
+    store = prep.prepared_store(cache)
+    assert store.invalidate(name) and store.complete(name) is None
+    result = {}
+    with store.lock(name):  # another process is preparing this key
+        t = threading.Thread(target=lambda: result.update(ds=prepare_subject(nsd_subject.root, PrepareConfig(),
+                                                                             cache_root=cache)))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]  # waiting
+        os.rename(saved, cache / name)  # ... and publishes its result
+    t.join(60)
+    assert result["ds"].cache_hit and result["ds"].path == cache / name
+    assert sorted(p.name for p in cache.iterdir()) == [name]
+
+
 def test_missing_session_fails_before_reading(nsd_copy, cache, monkeypatch):
     fx.betas_path(nsd_copy.root, "subj01", 4).unlink()
     monkeypatch.setattr(prep, "_read_session", lambda *a: pytest.fail("read before validation"))

@@ -111,8 +111,9 @@ def test_killed_run_resumes_and_never_returns_partial(tmp_path, tiny_clip, tiny_
     with pytest.raises(KeyboardInterrupt):
         extract_features(src, ids, spec, tmp_path, backbone=tiny_clip)
     folders = [p for p in (tmp_path / "clip_ViT-B-32").iterdir()]
-    assert len(folders) == 1
+    assert len(folders) == 1  # only the resumable work folder: no entry under its final name, no lock
     folder = folders[0]
+    assert folder.name.startswith(".") and folder.name.endswith(".partial")
     assert not (folder / "COMPLETE").exists() and (folder / "tokens.partial.npy").exists()
     with pytest.raises(DataFormatError, match="COMPLETE"):
         load_feature_set(folder)
@@ -122,7 +123,8 @@ def test_killed_run_resumes_and_never_returns_partial(tmp_path, tiny_clip, tiny_
     fresh = extract_features(small_images, ids, spec, tmp_path / "fresh", backbone=tiny_clip)
     np.testing.assert_allclose(fs.tokens, fresh.tokens, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fs.pooled, fresh.pooled, rtol=1e-6, atol=1e-6)
-    assert not (folder / "progress.json").exists() and not (folder / ".lock").exists()
+    assert sorted(p.name for p in (tmp_path / "clip_ViT-B-32").iterdir()) == [fs.path.name]  # no work folder, no lock
+    assert not (fs.path / "progress.json").exists() and fs.path.name == folder.name[1:-len(".partial")]
 
 
 def test_damaged_entry_is_recomputed_and_spec_validation(tmp_path, tiny_clip, tiny_clip_cfg, small_images):

@@ -63,16 +63,17 @@ elif mode in ("temp", "after"):  # progress.json (n_done=6) written as a tempora
             die()
     os.replace = replace
 elif mode == "finish":  # arrays renamed to their final names, COMPLETE not written yet
-    real_write_text = cache.write_text
+    import brainenc._utils.store as store
+    real_write_text = store.write_text
     def write_text(path, text):
         if Path(path).name == "COMPLETE":
             die()
         return real_write_text(path, text)
-    cache.write_text = write_text
+    store.write_text = write_text
 
 if mode == "hold":  # hold an entry's lock (and leave a temporary folder), wait to be killed
     folder = Path(jobs[0])
-    with cache.cache_lock(folder):
+    with cache.entry_store(folder.parent).lock(folder.name):
         (folder.parent / temp_dir_name(folder.name)).mkdir()
         print("locked", flush=True)
         time.sleep(120)
@@ -98,6 +99,17 @@ def _entry(root):
     return folder
 
 
+def _work(root):
+    """The resumable work folder ``<backbone>/.<key>.partial`` of the only entry under ``root``."""
+    (folder,) = [p for p in root.glob("*/.*.partial") if p.is_dir()]
+    return folder
+
+
+def _lock_of(folder):
+    """The lock file of the entry whose final folder is ``folder``."""
+    return folder.parent / f".{folder.name}.lock"
+
+
 @pytest.fixture
 def images_file(tmp_path):
     rng = np.random.default_rng(5)
@@ -116,11 +128,13 @@ def test_sigkill_anywhere_resumes_bitwise(tmp_path, images_file):
         proc = _child(mode, images_file, [f"{which}={tmp_path / mode}"])
         out, err = proc.communicate(timeout=240)
         assert proc.returncode == -signal.SIGKILL, (mode, err[-2000:])
-        folder = _entry(tmp_path / mode)
-        assert not (folder / "COMPLETE").exists(), mode
-        assert (folder / ".lock").exists(), mode  # left behind by the killed writer ...
-        assert (folder / "progress.json").exists(), mode
-        temps = [p.name for p in folder.iterdir() if ".tmp" in p.name]
+        work = _work(tmp_path / mode)
+        assert not [p for p in work.parent.iterdir() if not p.name.startswith(".")], mode  # nothing final
+        folder = work.parent / work.name[1:-len(".partial")]
+        assert not (work / "COMPLETE").exists(), mode
+        assert _lock_of(folder).exists(), mode  # left behind by the killed writer ...
+        assert (work / "progress.json").exists(), mode
+        temps = [p.name for p in work.iterdir() if ".tmp" in p.name]
         assert bool(temps) == (mode == "temp"), (mode, temps)
     jobs = [f"{which}={tmp_path / mode}" for mode, (which, _) in kills.items()]
     jobs += [f"gabor={tmp_path / 'ref_gabor'}", f"enet={tmp_path / 'ref_enet'}"]
@@ -138,6 +152,7 @@ def test_sigkill_anywhere_resumes_bitwise(tmp_path, images_file):
             assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), (mode, name)
         left = sorted(p.name for p in folder.iterdir())
         assert left == ["COMPLETE", "image_ids.npy", "meta.json", "pooled.npy", "tokens.npy"], (mode, left)
+        assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name], mode  # work folder and lock gone
     # the reference runs were complete from the start: 5 batches each
     assert [r["reads"] for r in results[-2:]] == [5, 5]
 
@@ -155,17 +170,17 @@ def test_live_lock_blocks_killed_lock_does_not(tmp_path, images_file):
         with pytest.raises(CacheLockedError) as err:
             extract_features(images, np.arange(4), spec, tmp_path)
         msg = str(err.value)
-        assert str(folder / ".lock") in msg and f"pid {holder.pid}" in msg and "\n" not in msg
+        assert str(_lock_of(folder)) in msg and f"pid {holder.pid}" in msg and "\n" not in msg
         assert not (folder / "COMPLETE").exists()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
     stale_dirs = [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]
-    assert (folder / ".lock").exists() and len(stale_dirs) == 1
+    assert _lock_of(folder).exists() and len(stale_dirs) == 1
     again = extract_features(images, np.arange(4), spec, tmp_path)
     assert not again.cache_hit and again.key == first.key
     assert np.asarray(again.tokens).tobytes() == np.asarray(first.tokens).tobytes()
-    assert not (folder / ".lock").exists()
+    assert not _lock_of(folder).exists()
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]  # swept: its writer is dead
 
 
@@ -173,7 +188,7 @@ def test_live_lock_blocks_killed_lock_does_not(tmp_path, images_file):
 def test_lock_in_this_process_and_stale_pid_file(tmp_path, monkeypatch, flock):
     import fcntl
 
-    from brainenc.features.cache import cache_lock
+    from brainenc.features.cache import entry_store
 
     if not flock:
         def no_flock(fd, op):
@@ -181,14 +196,16 @@ def test_lock_in_this_process_and_stale_pid_file(tmp_path, monkeypatch, flock):
 
         monkeypatch.setattr(fcntl, "flock", no_flock)
     folder = tmp_path / "entry"
-    with cache_lock(folder):
-        assert (folder / ".lock").read_text().split()[0] == str(os.getpid())
+    store = entry_store(tmp_path)
+    lock = _lock_of(folder)
+    with store.lock(folder.name):
+        assert lock.read_text().split()[0] == str(os.getpid())
         with pytest.raises(CacheLockedError, match=f"pid {os.getpid()}"):
-            with cache_lock(folder):
+            with store.lock(folder.name):
                 pass
-    assert not (folder / ".lock").exists()
+    assert not lock.exists()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (folder / ".lock").write_text(dead.stdout.strip())  # an old-style pid file of a dead process
-    with cache_lock(folder):
-        assert (folder / ".lock").read_text().split()[0] == str(os.getpid())
-    assert not (folder / ".lock").exists()
+    lock.write_text(dead.stdout.strip())  # an old-style pid file of a dead process
+    with store.lock(folder.name):
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert not lock.exists()
