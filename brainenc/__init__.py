@@ -52,9 +52,17 @@ def load(directory, **params):
     """
     from brainenc.estimator import load_estimator
 
+    _import_estimators()
+    return load_estimator(directory, **params)
+
+
+def _import_estimators():
+    """Import the packages that register estimators; returns the registry (``brainenc.estimator.ESTIMATORS``)."""
+    from brainenc.estimator import ESTIMATORS
+
     for pkg in _ESTIMATOR_PACKAGES:
         importlib.import_module(pkg)
-    return load_estimator(directory, **params)
+    return ESTIMATORS
 
 
 def __getattr__(name: str):

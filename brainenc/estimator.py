@@ -89,6 +89,56 @@ class EstimatorMixin:
     #: constructor parameters that are data-dependent arrays (saved with the weights, not as JSON)
     _array_params: tuple[str, ...] = ()
 
+    # ---- parameters --------------------------------------------------------------------------
+    def _check_params(self, prefix: str = "") -> Any:
+        """Validate every constructor parameter (hook; :class:`ConfigError` naming ``prefix + name``).
+
+        Called by :meth:`from_config` and by ``fit``; never changes a parameter. The default
+        checks nothing.
+        """
+        return None
+
+    @classmethod
+    def _unknown_key_hint(cls, key: str, prefix: str) -> str | None:
+        """Hook: a hint for an unknown configuration key (e.g. "it belongs in the 'train' table")."""
+        return None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, *, prefix: str = ""):
+        """Build from a plain mapping (a TOML table, a ``to_config()`` result) and validate it at once.
+
+        Parameters
+        ----------
+        config : mapping, optional
+            Constructor parameters by name (nested tables where a parameter takes one).
+        prefix : str
+            Prepended to key names in error messages (``"fit.ridge."``).
+
+        Raises
+        ------
+        ConfigError
+            An unknown key (with a did-you-mean) or an invalid value, one line naming the key.
+        """
+        import difflib
+
+        config = dict(config or {})
+        names = cls._get_param_names()  # type: ignore[attr-defined]
+        for key in config:
+            if key in names:
+                continue
+            hint = cls._unknown_key_hint(key, prefix)
+            if hint is None:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{prefix}{key}' for {cls.__name__}{hint}")
+        est = cls(**config)
+        est._check_params(prefix)
+        return est
+
+    def to_config(self) -> dict[str, Any]:
+        """The constructor parameters as JSON data, every default filled in (``from_config`` inverts it)."""
+        return self._config_json()
+
     # ---- fitted state ------------------------------------------------------------------------
     def _is_fitted(self) -> bool:
         names = self._fitted_arrays or self._fitted_meta

@@ -14,7 +14,7 @@ from sklearn.base import clone
 
 import brainenc
 from brainenc.estimator import CONFIG_FILE, ESTIMATORS, WEIGHTS_FILE, to_json_value
-from brainenc.exceptions import BrainencError, DataFormatError, NotFittedError
+from brainenc.exceptions import BrainencError, ConfigError, DataFormatError, NotFittedError
 
 
 def _ridge_data(rng):
@@ -106,6 +106,23 @@ def test_fit_validates_and_keeps_params(case):
         bad.fit(*args, Y, **kw)
     assert isinstance(info.value, ValueError)  # input errors are ValueErrors too
     assert next(iter(c["bad"])) in str(info.value)
+
+
+def test_from_config_round_trips_and_validates(case):
+    _, c, args, Y, kw = case
+    est = c["make"]()
+    cls = type(est)
+    table = est.to_config()
+    assert json.loads(json.dumps(table)) == table  # plain JSON data
+    again = cls.from_config(table)
+    assert again.to_config() == table
+    np.testing.assert_array_equal(np.asarray(again.fit(*args, Y, **kw).predict(*args)),
+                                  np.asarray(clone(est).fit(*args, Y, **kw).predict(*args)))
+    key, value = next(iter(c["bad"].items()))
+    with pytest.raises(ConfigError, match=f"'fit.m.{key}'"):  # invalid value: named with the prefix, before fit
+        cls.from_config({**table, key: value}, prefix="fit.m.")
+    with pytest.raises(ConfigError, match="unknown key 'fit.m.bogus_key'"):
+        cls.from_config({"bogus_key": 1}, prefix="fit.m.")
 
 
 def test_not_fitted(case):

@@ -148,6 +148,12 @@ class BandedRidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         edges = np.cumsum([0] + bs)
         return [X[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
 
+    def _check_params(self, prefix: str = "") -> None:
+        """Validate the data-independent parameters (``fit`` and ``from_config``)."""
+        check_option(f"{prefix}scoring", self.scoring, list(SCORINGS))
+        check_option(f"{prefix}dtype", self.dtype, ["float32", "float64"])
+        check_option(f"{prefix}backend", self.backend, ["numpy", "torch"])
+
     def fit(self, X, Y):
         """Fit the banded ridge model.
 
@@ -161,9 +167,7 @@ class BandedRidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         -------
         self : BandedRidgeEncoder
         """
-        check_option("scoring", self.scoring, list(SCORINGS))
-        check_option("dtype", self.dtype, ["float32", "float64"])
-        check_option("backend", self.backend, ["numpy", "torch"])
+        self._check_params()
         Xs = self._split_bands(X)
         _, Y2, ravel = check_xy(Xs[0], Y)
         if ravel:

@@ -137,22 +137,38 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         self.verbose = verbose
         self.standardize = standardize
 
-    def _check_params(self):
-        check_option("solver", self.solver, ["auto", "kfold", "gcv"])
-        check_option("backend", self.backend, ["numpy", "torch"])
-        check_option("dtype", self.dtype, ["float32", "float64"])
-        check_option("scoring", self.scoring, list(SCORINGS))
+    def _check_params(self, prefix: str = ""):
+        """Validate the parameters (before any data is read); returns the (solver, alphas) to fit with."""
+        check_option(f"{prefix}solver", self.solver, ["auto", "kfold", "gcv"])
+        check_option(f"{prefix}backend", self.backend, ["numpy", "torch"])
+        check_option(f"{prefix}dtype", self.dtype, ["float32", "float64"])
+        check_option(f"{prefix}scoring", self.scoring, list(SCORINGS))
+        for name in ("fit_intercept", "alpha_per_target", "standardize", "verbose"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ConfigError(f"'{prefix}{name}' must be true or false; {getattr(self, name)!r} was provided")
         if self.target_batch_size is not None and (
             isinstance(self.target_batch_size, bool) or not isinstance(self.target_batch_size, (int, np.integer))
             or self.target_batch_size < 1
         ):
-            raise ConfigError(f"'target_batch_size' must be None or an int >= 1; {self.target_batch_size!r} was provided")
+            raise ConfigError(f"'{prefix}target_batch_size' must be None or an int >= 1; "
+                              f"{self.target_batch_size!r} was provided")
+        cv = self.cv
+        if isinstance(cv, bool) or (isinstance(cv, (int, np.integer)) and cv < 2):
+            raise ConfigError(f"'{prefix}cv' must be an int >= 2, a splitter, or None for leave-one-out GCV; "
+                              f"{cv!r} was provided")
         solver = self.solver
         if solver == "auto":
-            solver = "gcv" if self.cv is None else "kfold"
-        if solver == "kfold" and self.cv is None:
-            raise ConfigError("'cv' must not be None with solver='kfold' (use solver='gcv' for leave-one-out)")
+            solver = "gcv" if cv is None else "kfold"
+        if solver == "kfold" and cv is None:
+            raise ConfigError(f"'{prefix}cv' must not be None with solver='kfold' (use solver='gcv' for leave-one-out)")
         alphas = DEFAULT_ALPHAS if self.alphas is None else self.alphas
+        try:
+            a = np.atleast_1d(np.asarray(alphas, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{prefix}alphas' must be None or a list of numbers > 0; {alphas!r} was provided") from None
+        if a.ndim != 1 or a.size == 0 or not np.all(np.isfinite(a)) or np.any(a <= 0):
+            raise ConfigError(f"'{prefix}alphas' must all be finite and > 0 (a non-empty list, or None for the "
+                              f"default grid); {alphas!r} was provided")
         return solver, alphas
 
     def fit(self, X, Y):

@@ -18,7 +18,6 @@ estimator registry); torch is imported when an encoder is fitted or loaded.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -144,42 +143,21 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
 
     # ---- parameters ------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None = None, *, prefix: str = "") -> "RoutingEncoder":
-        """Build from a plain mapping (e.g. a TOML table) and validate every parameter at once.
-
-        Parameters
-        ----------
-        config : mapping, optional
-            Constructor parameters, ``model`` and ``train`` as nested tables, e.g.
-            ``{"queries": "rois", "model": {"d_model": 64}, "train": {"epochs": 30}}``.
-        prefix : str
-            Prepended to key names in error messages (e.g. ``"fit.routing.model."``).
-
-        Raises
-        ------
-        ConfigError
-            Unknown key (with a did-you-mean) or invalid value, one line.
-        """
+    def _unknown_key_hint(cls, key: str, prefix: str) -> str | None:
         from brainenc.models import RoutingArchitecture
         from brainenc.training import TrainConfig
 
-        config = dict(config or {})
-        names = cls._get_param_names()
-        nested = {"model": RoutingArchitecture, "train": TrainConfig}
-        for key in config:
-            if key not in names:
-                moved = [t for t, c in nested.items() if key in {f.name for f in dataclasses.fields(c)}]
-                close = difflib.get_close_matches(key, names, n=1)
-                if moved:  # the old flat layout: architecture keys live in the "model" table
-                    hint = f"; it belongs in the '{prefix}{moved[0]}' table"
-                elif close:
-                    hint = f"; did you mean '{close[0]}'?"
-                else:
-                    hint = f"; known keys: {', '.join(names)}"
-                raise ConfigError(f"unknown key '{prefix}{key}' for RoutingEncoder{hint}")
-        est = cls(**config)
-        est._resolve(prefix)
-        return est
+        for table, c in (("model", RoutingArchitecture), ("train", TrainConfig)):
+            if key in {f.name for f in dataclasses.fields(c)}:  # a flat layout: it lives in a nested table
+                return f"; it belongs in the '{prefix}{table}' table"
+        return None
+
+    def to_config(self) -> dict[str, Any]:
+        """Constructor parameters as JSON data with the ``model`` and ``train`` tables filled in."""
+        out = super().to_config()
+        arch, train = self._check_params()
+        out["model"], out["train"] = to_dict(arch), to_dict(train)
+        return out
 
     def _arch(self, prefix: str = ""):
         from brainenc.models import RoutingArchitecture
@@ -191,24 +169,24 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
 
         return _nested(TrainConfig, self.train, "train", prefix)
 
-    def _resolve(self, prefix: str = ""):
+    def _check_params(self, prefix: str = ""):
         """Validate every parameter; returns the (RoutingArchitecture, TrainConfig) to fit with."""
         from brainenc.models.queries import COMBINE_RULES, QUERY_KINDS
 
-        check_option("queries", self.queries, QUERY_KINDS)
-        check_option("combine", self.combine, COMBINE_RULES)
-        check_option("scoring", self.scoring, ("r2", "r"))
+        check_option(f"{prefix}queries", self.queries, QUERY_KINDS)
+        check_option(f"{prefix}combine", self.combine, COMBINE_RULES)
+        check_option(f"{prefix}scoring", self.scoring, ("r2", "r"))
         fams = self.families
         if fams is not None and (isinstance(fams, str) or not isinstance(fams, Sequence)
                                  or not all(isinstance(f, str) for f in fams)):
-            raise ConfigError(f"'families' must be None or a list of ROI family names; {fams!r} was provided")
+            raise ConfigError(f"'{prefix}families' must be None or a list of ROI family names; {fams!r} was provided")
         if not isinstance(self.unknown, bool):
-            raise ConfigError(f"'unknown' must be true or false; {self.unknown!r} was provided")
+            raise ConfigError(f"'{prefix}unknown' must be true or false; {self.unknown!r} was provided")
         vf = self.val_fraction
         if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf < 1.0:
-            raise ConfigError(f"'val_fraction' must be a number in [0, 1); {vf!r} was provided")
+            raise ConfigError(f"'{prefix}val_fraction' must be a number in [0, 1); {vf!r} was provided")
         if isinstance(self.val_seed, bool) or not isinstance(self.val_seed, (int, np.integer)):
-            raise ConfigError(f"'val_seed' must be an integer; {self.val_seed!r} was provided")
+            raise ConfigError(f"'{prefix}val_seed' must be an integer; {self.val_seed!r} was provided")
         return self._arch(prefix), self._train_config(prefix)
 
     # ---- fitting ---------------------------------------------------------------------------
@@ -246,7 +224,7 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         -------
         self
         """
-        arch, train = self._resolve()
+        arch, train = self._check_params()
         from brainenc.models import RoutingEncoderModel, build_query_set
         from brainenc.training import Trainer, VoxelRegression, seed_everything
         from brainenc.training.data import RowSubset

@@ -1,32 +1,49 @@
 """brainenc.workflows: per-subject pipelines composed from the layers below.
 
-``run_pipeline`` runs ``prepare -> features -> fit.<model> -> evaluate -> report`` for one subject
-in a run folder; every stage is cached by a key (its config + upstream keys + brainenc version),
-so a rerun is a no-op, a changed config reruns what depends on it and a killed run resumes.
-The generic engine (:mod:`brainenc.workflows.engine`) knows nothing about fMRI.
+``run_pipeline`` runs the stage graph of a spec's task for one subject in a run folder (the
+encoding task: ``simulate -> prepare -> features -> fit.<model> -> evaluate -> report``); every
+stage is cached by a key (its config + upstream keys + brainenc version), so a rerun is a no-op,
+a changed config reruns what depends on it and a killed run resumes. The generic engine
+(:mod:`brainenc.workflows.engine`) knows nothing about fMRI; each task registers its graph with
+:func:`register_task`.
 """
 from brainenc.workflows.engine import Stage, StageContext, StageResult, read_stage_record, run_stages, stage_key
-from brainenc.workflows.pipeline import build_stages, run_dir_for, run_pipeline
+from brainenc.workflows.pipeline import TASKS, RunContext, build_stages, register_task, run_dir_for, run_pipeline
 from brainenc.workflows.spec import (
     FIT_KINDS,
     EvaluateConfig,
+    FitInputs,
+    FitKind,
+    FitSpec,
     PipelineSpec,
-    RidgeFitConfig,
     _register_builtin_kinds,
     load_pipeline,
     parse_pipeline,
     register_fit_kind,
 )
 
+
+def _register_builtin_tasks() -> None:
+    from brainenc.workflows.encoding import build_encoding_graph
+
+    register_task("encoding", build_encoding_graph)
+
+
 _register_builtin_kinds()
+_register_builtin_tasks()
 
 __all__ = [
     "run_pipeline",
+    "RunContext",
+    "TASKS",
+    "register_task",
     "load_pipeline",
     "parse_pipeline",
     "PipelineSpec",
     "EvaluateConfig",
-    "RidgeFitConfig",
+    "FitSpec",
+    "FitInputs",
+    "FitKind",
     "FIT_KINDS",
     "register_fit_kind",
     "build_stages",

@@ -9,6 +9,12 @@ because downstream keys contain upstream keys, everything downstream reruns too.
 in the middle therefore restarts at the first unfinished stage. Outputs handed to downstream
 stages in memory are normalised exactly as the record stores them (:func:`brainenc._utils.io.jsonable`),
 so a stage sees the same inputs whether its dependencies ran in this call or were read back.
+Those recorded outputs are the only channel between stages: a stage finds every file it reads
+in the record of the stage that wrote it.
+
+A *volatile* stage runs on every call (a cheap look at something outside the run folder, such
+as whether the input data exist, simulating them when they do not); the key its dependants see
+is a digest of its own key and its outputs, so they rerun exactly when what it found changed.
 
 The engine knows nothing about fMRI: stage functions receive a :class:`StageContext` and return
 a mapping of outputs (JSON values; paths under ``"files"`` are checked on the next run).
@@ -49,17 +55,14 @@ class StageContext:
     key : str
         This stage's key (hex digest).
     inputs : dict
-        ``{dependency name: outputs mapping recorded by that dependency}``.
-    state : dict
-        Shared, in-memory scratch space for one ``run_stages`` call (e.g. loaded datasets);
-        never relied upon across runs.
+        ``{dependency name: outputs mapping recorded by that dependency}`` (the only way a stage
+        learns what its dependencies produced).
     """
 
     run_dir: Path
     name: str
     key: str
     inputs: dict[str, dict]
-    state: dict[str, Any]
 
     def path(self, *parts: str) -> Path:
         """A path inside the run folder (parent folders created)."""
@@ -91,12 +94,16 @@ class Stage:
         The stage's own configuration (dataclass or JSON-like); part of the key.
     deps : sequence of str
         Names of the stages this one reads from; their keys are part of this key.
+    volatile : bool
+        Run on every call, never "up to date"; dependants see a key that digests this stage's
+        outputs (so its outputs must describe what it found, deterministically).
     """
 
     name: str
     func: Callable[[StageContext], Mapping[str, Any]]
     config: Any = None
     deps: Sequence[str] = ()
+    volatile: bool = False
 
     @property
     def group(self) -> str:
@@ -228,7 +235,6 @@ def run_stages(
     targets: Sequence[str] | None = None,
     *,
     force: Sequence[str] = (),
-    state: dict | None = None,
     version: str = __version__,
     echo: Callable[[str], None] | None = None,
 ) -> list[StageResult]:
@@ -243,8 +249,6 @@ def run_stages(
         Stage or group names to bring up to date (with their dependencies); default all.
     force : sequence of str
         Stage names to rerun even when up to date.
-    state : dict, optional
-        Scratch space shared by the stage functions of this call.
     version : str
         Package version mixed into every key.
     echo : callable, optional
@@ -265,7 +269,6 @@ def run_stages(
     say = echo or log.info
     order = _toposort(stages)
     needed = select_stages(order, targets)
-    state = {} if state is None else state
     keys: dict[str, str] = {}
     outputs: dict[str, dict] = {}
     results: list[StageResult] = []
@@ -275,7 +278,7 @@ def run_stages(
         key = stage_key(s.config, {d: keys[d] for d in s.deps}, version)
         keys[s.name] = key
         record = read_stage_record(run_dir, s.name)
-        if (s.name not in force and record is not None and record.get("key") == key
+        if (s.name not in force and not s.volatile and record is not None and record.get("key") == key
                 and _files_exist(run_dir, record.get("outputs", {}))):
             outputs[s.name] = record.get("outputs", {})
             say(f"{s.name}: up to date")
@@ -285,7 +288,7 @@ def run_stages(
         _record_path(run_dir, s.name).unlink(missing_ok=True)
         say(f"{s.name}: running")
         ctx = StageContext(run_dir=run_dir, name=s.name, key=key,
-                           inputs={d: outputs[d] for d in s.deps}, state=state)
+                           inputs={d: outputs[d] for d in s.deps})
         started = time.time()
         t0 = time.perf_counter()
         with kill_scope(s.name):
@@ -306,6 +309,8 @@ def run_stages(
             })
             kill_point("end")
         outputs[s.name] = out
+        if s.volatile:  # dependants rerun exactly when what this stage found changed
+            keys[s.name] = stage_key({"outputs": out}, {s.name: key}, version)
         say(f"{s.name}: done in {seconds:.1f} s")
         results.append(StageResult(s.name, key, "ran", seconds, out))
     return results

@@ -2,15 +2,20 @@
 
 A spec has these tables (all but ``[pipeline]`` optional)::
 
-    [pipeline]   name, description
-    [prepare]    PrepareConfig keys (subject comes from the command line) + ``simulate = true|false``
+    [pipeline]   name, description, task ("encoding")
+    [prepare]    PrepareConfig keys + ``simulate = true|false``
     [simulate]   SimulationConfig keys used when ``[prepare] simulate = true`` and no data exists
     [features]   FeatureSpec keys
-    [[fit]]      one table per model: ``name``, ``kind`` ("ridge", ...) and the kind's own keys
+    [[fit]]      one table per model: ``name``, ``kind`` ("ridge", "routing"), ``inputs`` (which
+                 features) and the estimator's own configuration (its constructor parameters,
+                 nested tables such as ``[fit.model]`` / ``[fit.train]`` where it takes them),
+                 validated by ``Estimator.from_config``
     [evaluate]   split, metrics, noise-ceiling normalisation options
     [report]     ReportOptions keys
 
 Unknown tables or keys are one-line :class:`~brainenc.exceptions.ConfigError` s naming the key.
+A spec never names a subject: the subject, data root and run folder belong to the run
+(:class:`brainenc.workflows.RunContext`), so one spec serves every subject.
 """
 from __future__ import annotations
 
@@ -24,38 +29,74 @@ from brainenc.exceptions import ConfigError
 from brainenc.registry import Registry
 from brainenc.report import ReportOptions
 
-__all__ = ["PipelineSpec", "EvaluateConfig", "RidgeFitConfig", "RoutingFitConfig", "FIT_KINDS", "register_fit_kind",
-           "parse_pipeline", "load_pipeline", "resolve_pipeline_path", "pipelines_dir", "SECTIONS"]
+__all__ = ["PipelineSpec", "EvaluateConfig", "FitSpec", "FitInputs", "FitKind", "FIT_KINDS", "register_fit_kind",
+           "parse_fit", "parse_pipeline", "load_pipeline", "resolve_pipeline_path", "pipelines_dir", "SECTIONS"]
 
 SECTIONS = ("pipeline", "prepare", "simulate", "features", "fit", "evaluate", "report")
 
-#: fit kinds: name -> {"config": dataclass, "fit": callable(ctx, cfg) -> outputs}; see fitters.py
+#: fit kinds: name -> :class:`FitKind` (the estimator it fits and the fitter that runs it); see fitters.py
 FIT_KINDS = Registry("fit kind")
 
+#: keys of a ``[[fit]]`` table that belong to the pipeline, not to the estimator
+FIT_KEYS = ("name", "kind", "inputs")
 
-def register_fit_kind(kind: str, config_cls: type, fit_func) -> None:
+
+@dataclasses.dataclass(frozen=True)
+class FitKind:
+    """What ``[[fit]] kind = "<kind>"`` means.
+
+    Attributes
+    ----------
+    estimator : str
+        Name of the estimator class in :data:`brainenc.estimator.ESTIMATORS`; the rest of the
+        ``[[fit]]`` table is its configuration, validated by ``Estimator.from_config``.
+    fit : callable
+        ``fit(ctx, fit: FitSpec, data: FitData) -> dict`` (see :mod:`brainenc.workflows.fitters`).
+    inputs : dict
+        Default ``inputs`` of the kind (keys of :class:`FitInputs`).
+    defaults : dict
+        Estimator parameters the pipeline sets unless the table does (ridge: ``standardize = true``).
+    """
+
+    estimator: str
+    fit: Any
+    inputs: dict = dataclasses.field(default_factory=dict)
+    defaults: dict = dataclasses.field(default_factory=dict)
+
+
+def register_fit_kind(kind: str, estimator: str, fit_func, *, inputs: dict | None = None,
+                      defaults: dict | None = None) -> None:
     """Register a model kind usable as ``[[fit]] kind = "<kind>"``.
 
     Parameters
     ----------
     kind : str
-    config_cls : dataclass type
-        Must have ``name`` and ``kind`` fields; the rest are the model's options.
+    estimator : str
+        A registered estimator name (``@register_estimator``); its ``from_config`` validates the table.
     fit_func : callable
-        ``fit_func(ctx, cfg, data) -> dict`` (see :mod:`brainenc.workflows.fitters`).
+        ``fit_func(ctx, fit, data) -> dict`` (see :mod:`brainenc.workflows.fitters`).
+    inputs, defaults : dict, optional
+        See :class:`FitKind`.
     """
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    if not {"name", "kind"} <= names:
-        raise ConfigError(f"fit config {config_cls.__name__} needs 'name' and 'kind' fields")
-    FIT_KINDS.register(kind, {"config": config_cls, "fit": fit_func}, overwrite=True)
+    FIT_KINDS.register(kind, FitKind(estimator, fit_func, dict(inputs or {}), dict(defaults or {})), overwrite=True)
 
 
 @dataclasses.dataclass
 class PipelineMeta:
-    """``[pipeline]``: the run's name (the run folder is ``runs/<name>/<subject>``)."""
+    """``[pipeline]``: the run's name (the run folder is ``runs/<name>/<subject>``) and its task.
+
+    Attributes
+    ----------
+    name : str
+    description : str
+    task : str
+        The stage graph to run (:data:`brainenc.workflows.TASKS`; ``"encoding"``: prepare ->
+        features -> fit -> evaluate -> report).
+    """
 
     name: str
     description: str = ""
+    task: str = "encoding"
 
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
@@ -63,77 +104,76 @@ class PipelineMeta:
 
 
 @dataclasses.dataclass
-class RidgeFitConfig:
-    """``[[fit]] kind = "ridge"``: voxelwise ridge on pooled features (RidgeEncoder options).
+class FitInputs:
+    """``[[fit]] inputs``: which stimulus features a model is fitted on.
+
+    Attributes
+    ----------
+    features : {"pooled", "tokens"}
+        Pooled ``[n, dim]`` or the tokens ``[n, n_tokens, dim]`` (a ridge model flattens them).
+    grid_pool : int
+        With ``features = "tokens"``: average the patch tokens over a ``grid_pool x grid_pool``
+        grid of image regions first (0 = keep every token), keeping coarse spatial layout.
+    """
+
+    features: Literal["pooled", "tokens"] = "pooled"
+    grid_pool: int = 0
+
+    def check(self) -> None:
+        if self.grid_pool < 0 or (self.grid_pool and self.features != "tokens"):
+            raise ConfigError("'inputs.grid_pool' must be >= 0 and needs inputs.features = 'tokens'")
+
+
+@dataclasses.dataclass
+class FitSpec:
+    """One ``[[fit]]`` table: ``{name, kind, inputs}`` + the estimator's own configuration.
 
     Attributes
     ----------
     name : str
         Model name in file names and the report (unique within a pipeline).
     kind : str
-        ``"ridge"``.
-    features : {"pooled", "tokens"}
-        Pooled ``[n, dim]`` or flattened tokens ``[n, n_tokens * dim]``.
-    grid_pool : int
-        With ``features = "tokens"``: average the patch tokens over a ``grid_pool x grid_pool``
-        grid of image regions first (0 = keep every token), keeping coarse spatial layout.
-    standardize : bool
-        Z-score each feature with the training rows' mean and std before the fit.
-    alphas, cv, fit_intercept, scoring, alpha_per_target, solver, backend, device, dtype, target_batch_size
-        Passed to :class:`brainenc.encoding.RidgeEncoder` (``alphas = []`` means its default grid).
+        A key of :data:`FIT_KINDS` (``"ridge"``, ``"routing"``).
+    inputs : FitInputs
+    params : dict
+        The estimator's configuration, every default filled in (``Estimator.to_config()`` of the
+        validated table); ``fit.<name>.<key>`` in messages and ``--set`` overrides.
     """
 
-    name: str = "ridge"
-    kind: str = "ridge"
-    features: Literal["pooled", "tokens"] = "pooled"
-    grid_pool: int = 0
-    standardize: bool = True
-    alphas: list[float] = dataclasses.field(default_factory=list)
-    cv: int | None = 5
-    fit_intercept: bool = True
-    scoring: Literal["r2", "neg_mse"] = "r2"
-    alpha_per_target: bool = True
-    solver: Literal["auto", "kfold", "gcv"] = "auto"
-    backend: Literal["numpy", "torch"] = "numpy"
-    device: str = "cpu"
-    dtype: Literal["float32", "float64"] = "float32"
-    target_batch_size: int | None = None
+    name: str
+    kind: str
+    inputs: FitInputs
+    params: dict
 
-    def check(self) -> None:
-        if any(a <= 0 for a in self.alphas):
-            raise ConfigError(f"'fit.{self.name}.alphas' must all be > 0; {self.alphas!r} was provided")
-        if self.grid_pool < 0 or (self.grid_pool and self.features != "tokens"):
-            raise ConfigError(f"'fit.{self.name}.grid_pool' must be >= 0 and needs features = 'tokens'")
-        if self.cv is not None and self.cv < 2:
-            raise ConfigError(f"'fit.{self.name}.cv' must be >= 2 (or omitted for GCV); {self.cv!r} was provided")
+    @property
+    def estimator_class(self):
+        from brainenc import _import_estimators
+
+        return _import_estimators().get(FIT_KINDS.get(self.kind).estimator)
+
+    def build(self):
+        """A new, unfitted estimator from ``params``."""
+        return self.estimator_class.from_config(self.params, prefix=f"fit.{self.name}.")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "inputs": to_dict(self.inputs), **self.params}
 
 
-@dataclasses.dataclass
-class RoutingFitConfig:
-    """``[[fit]] kind = "routing"``: the attention-routing transformer encoder on patch tokens.
+def parse_fit(name: str, table: dict) -> FitSpec:
+    """Validate one ``[[fit]]`` table (the estimator validates its own keys)."""
+    kind = table.get("kind", "ridge")
+    if not isinstance(kind, str):
+        raise ConfigError(f"'fit.{name}.kind' must be a string; {kind!r} was provided")
+    entry: FitKind = FIT_KINDS.get(kind)
+    inputs_table = table.get("inputs", {})
+    if not isinstance(inputs_table, dict):
+        raise ConfigError(f"'fit.{name}.inputs' must be a table, e.g. inputs = {{ features = \"tokens\" }}")
+    inputs = from_dict(FitInputs, {**entry.inputs, **inputs_table}, _prefix=f"fit.{name}.inputs.")
+    params = {**entry.defaults, **{k: v for k, v in table.items() if k not in FIT_KEYS}}
+    from brainenc import _import_estimators
 
-    Attributes
-    ----------
-    name : str
-    kind : str
-        ``"routing"``.
-    model : dict
-        The table given to :meth:`brainenc.encoding.RoutingEncoder.from_config` (validated when
-        the spec is read): constructor parameters (``queries``, ``combine``, ``families``,
-        ``unknown``, ``val_fraction``, ``val_seed``, ``scoring``), a ``model`` table of
-        :class:`brainenc.models.RoutingArchitecture` keys (``d_model``, ``n_heads``, ``n_layers``...)
-        and a ``train`` table of TrainConfig keys (``epochs``, ``lr``, ``device``...). In TOML:
-        ``[fit.model]``, ``[fit.model.model]`` and ``[fit.model.train]`` after the ``[[fit]]`` header.
-    """
-
-    name: str = "routing"
-    kind: str = "routing"
-    model: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def check(self) -> None:
-        from brainenc.encoding.routing import RoutingEncoder
-
-        RoutingEncoder.from_config(self.model, prefix=f"fit.{self.name}.model.")
+    est = _import_estimators().get(entry.estimator).from_config(params, prefix=f"fit.{name}.")
+    return FitSpec(name=name, kind=kind, inputs=inputs, params=est.to_config())
 
 
 @dataclasses.dataclass
@@ -192,13 +232,14 @@ class PipelineSpec:
     ----------
     pipeline : PipelineMeta
     prepare : PrepareConfig
+        Its ``subject`` is a placeholder: the run's subject replaces it (``RunContext.prepare_config``).
     simulate : bool
         Simulate the subject first when the NSD root has no data for it.
     simulation : SimulationConfig or None
         Simulator settings (``[simulate]``), built when ``simulate`` is true.
     features : FeatureSpec
     fits : list
-        One config dataclass per ``[[fit]]`` table (e.g. :class:`RidgeFitConfig`).
+        One :class:`FitSpec` per ``[[fit]]`` table.
     evaluate : EvaluateConfig
     report : ReportOptions
     source : Path or None
@@ -223,14 +264,14 @@ class PipelineSpec:
         """The full resolved config as plain data (what ``config.resolved.json`` holds)."""
         out = {
             "pipeline": to_dict(self.pipeline),
-            "prepare": dict(to_dict(self.prepare), simulate=self.simulate),
+            "prepare": dict({k: v for k, v in to_dict(self.prepare).items() if k != "subject"}, simulate=self.simulate),
             "features": to_dict(self.features),
-            "fit": [to_dict(f) for f in self.fits],
+            "fit": [f.to_dict() for f in self.fits],
             "evaluate": to_dict(self.evaluate),
             "report": to_dict(self.report),
         }
         if self.simulation is not None:
-            out["simulate"] = to_dict(self.simulation)
+            out["simulate"] = {k: v for k, v in to_dict(self.simulation).items() if k != "subject"}
         return out
 
 
@@ -256,16 +297,16 @@ def _fit_list_to_table(data: dict) -> dict:
     return dict(data, fit=table)
 
 
-def parse_pipeline(data: dict, *, subject: str | None = None, overrides: list[str] | None = None,
-                   source: Path | None = None) -> PipelineSpec:
+def parse_pipeline(data: dict, *, overrides: list[str] | None = None, source: Path | None = None) -> PipelineSpec:
     """Validate a pipeline mapping (from TOML) into a :class:`PipelineSpec`.
+
+    A spec does not name a subject: the same spec runs for any subject (``brainenc run --subject``,
+    :class:`brainenc.workflows.RunContext`).
 
     Parameters
     ----------
     data : dict
         The parsed TOML.
-    subject : str, optional
-        Subject for ``[prepare]`` (and ``[simulate]``); overrides the file's value.
     overrides : list of str, optional
         ``table.key=value`` overrides, e.g. ``prepare.zscore=false`` or ``fit.ridge.cv=3``.
     source : Path, optional
@@ -280,7 +321,6 @@ def parse_pipeline(data: dict, *, subject: str | None = None, overrides: list[st
     ConfigError
         Unknown tables/keys, wrong types or values, naming the key.
     """
-    from brainenc._utils.validation import check_subject
     from brainenc.datasets.prepare import PrepareConfig
     from brainenc.features import FeatureSpec
 
@@ -299,32 +339,29 @@ def parse_pipeline(data: dict, *, subject: str | None = None, overrides: list[st
     if "pipeline" not in data:
         raise ConfigError("pipeline spec needs a [pipeline] table with a 'name'")
     meta = from_dict(PipelineMeta, data["pipeline"], _prefix="pipeline.")
+    from brainenc.workflows.pipeline import TASKS
 
+    TASKS.get(meta.task)  # unknown task: one line listing the known ones
+
+    for sec in ("prepare", "simulate"):
+        if "subject" in data.get(sec, {}):
+            raise ConfigError(f"'{sec}.subject': a pipeline spec does not name a subject; it comes from the run "
+                              "(brainenc run --subject subj02, run_pipeline(..., subject='subj02'))")
     prep = dict(data.get("prepare", {}))
     simulate = prep.pop("simulate", False)
     if not isinstance(simulate, bool):
         raise ConfigError(f"'prepare.simulate' must be true or false; {simulate!r} was provided")
-    if subject is not None:
-        prep["subject"] = check_subject(subject)
     prepare = from_dict(PrepareConfig, prep, _prefix="prepare.")
 
     simulation = None
     if simulate or "simulate" in data:
         from brainenc.datasets.simulate import SimulationConfig
 
-        sim = dict(data.get("simulate", {}))
-        sim["subject"] = prepare.subject
-        simulation = from_dict(SimulationConfig, sim, _prefix="simulate.")
+        simulation = from_dict(SimulationConfig, dict(data.get("simulate", {})), _prefix="simulate.")
 
     features = from_dict(FeatureSpec, data.get("features", {}), _prefix="features.")
-
-    fits = []
-    for name, f in (data.get("fit") or {"ridge": {"name": "ridge", "kind": "ridge"}}).items():
-        kind = f.get("kind", "ridge")
-        if not isinstance(kind, str):
-            raise ConfigError(f"'fit.{name}.kind' must be a string; {kind!r} was provided")
-        entry = FIT_KINDS.get(kind)
-        fits.append(from_dict(entry["config"], f, _prefix=f"fit.{name}."))
+    fit_tables = data.get("fit") or {"ridge": {"name": "ridge", "kind": "ridge"}}
+    fits = [parse_fit(name, f) for name, f in fit_tables.items()]
     evaluate = from_dict(EvaluateConfig, data.get("evaluate", {}), _prefix="evaluate.")
     report = from_dict(ReportOptions, data.get("report", {}), _prefix="report.")
     return PipelineSpec(pipeline=meta, prepare=prepare, simulate=simulate, simulation=simulation,
@@ -356,15 +393,16 @@ def resolve_pipeline_path(pipeline: str | Path) -> Path:
                       f"available: {', '.join(available) or '(none)'}")
 
 
-def load_pipeline(pipeline: str | Path, *, subject: str | None = None,
-                  overrides: list[str] | None = None) -> PipelineSpec:
+def load_pipeline(pipeline: str | Path, *, overrides: list[str] | None = None) -> PipelineSpec:
     """Read and validate a pipeline spec (path or bare name under ``pipelines/``)."""
     path = resolve_pipeline_path(pipeline)
-    return parse_pipeline(load_toml(path), subject=subject, overrides=overrides, source=path)
+    return parse_pipeline(load_toml(path), overrides=overrides, source=path)
 
 
 def _register_builtin_kinds() -> None:
     from brainenc.workflows import fitters
 
-    register_fit_kind("ridge", RidgeFitConfig, fitters.fit_ridge)
-    register_fit_kind("routing", RoutingFitConfig, fitters.fit_routing)
+    # the pipeline's ridge z-scores the features with the train rows' statistics unless told otherwise
+    register_fit_kind("ridge", "ridge", fitters.fit_ridge, inputs={"features": "pooled"},
+                      defaults={"standardize": True})
+    register_fit_kind("routing", "routing", fitters.fit_routing, inputs={"features": "tokens"})

@@ -43,7 +43,7 @@ backbone = "gabor"
 layer = "last"
 [[fit]]
 name = "ridge"
-features = "pooled"
+inputs = { features = "pooled" }
 """
 
 
@@ -226,7 +226,7 @@ def test_run_and_simulate_refuse_a_live_lock(tmp_path):
         with pytest.raises(LockedError, match="run folder"):
             run_pipeline(spec, data_dir=tmp_path / "data", out=out)
     assert not (out / "config.resolved.json").exists()  # refused before any work
-    assert run_dir_for(load_pipeline(spec), tmp_path, out) == out.resolve()
+    assert run_dir_for(load_pipeline(spec), "subj01", tmp_path, out) == out.resolve()
     nsd = tmp_path / "nsd"
     with exclusive_lock(nsd / LOCK_NAME):
         with pytest.raises(LockedError, match="simulated NSD root"):
@@ -299,7 +299,7 @@ def test_sort_safetensors_metadata_rejects_garbage(tmp_path):
 # --------------------------------------------------------------- stage outputs: memory == record
 def test_downstream_sees_the_same_outputs_whether_upstream_ran_or_was_read_back(tmp_path):
     from brainenc.workflows.engine import Stage, read_stage_record, run_stages
-    from brainenc.workflows.pipeline import split_counts_text
+    from brainenc.workflows.encoding import split_counts_text
 
     def a(ctx):
         return {"splits": {"train": 650, "test": 100}, "shape": (3, 4), "n": np.int64(5)}
@@ -320,7 +320,7 @@ def test_downstream_sees_the_same_outputs_whether_upstream_ran_or_was_read_back(
 
 
 def test_split_counts_text_has_a_fixed_order():
-    from brainenc.workflows.pipeline import split_counts_text
+    from brainenc.workflows.encoding import split_counts_text
 
     want = "train 650, val 50, test 100, algonauts 3, extra 1"
     assert split_counts_text({"test": 100, "extra": 1, "val": 50, "train": 650, "algonauts": 3}) == want
@@ -346,20 +346,21 @@ def _fake_interrupted_root(root: Path) -> None:
 
 
 def test_run_notices_an_interrupted_simulation(tmp_path, monkeypatch):
-    from brainenc.workflows import load_pipeline
-    from brainenc.workflows import pipeline
+    from brainenc.workflows import RunContext, build_stages, load_pipeline, run_stages
+    from brainenc.workflows.encoding import _has_subject_data
 
     nsd = tmp_path / "nsd"
     _fake_interrupted_root(nsd)
     spec = load_pipeline(_spec(tmp_path))
-    assert not pipeline._has_subject_data(nsd, spec)  # the folders exist, the simulation is not complete
+    run = RunContext.create(spec, "subj01", data_dir=tmp_path / "data", nsd_root=nsd)
+    assert not _has_subject_data(nsd, "subj01", spec.prepare)  # the folders exist, the simulation is not complete
     calls = []
     monkeypatch.setattr("brainenc.datasets.simulate.simulate_subject", lambda root, cfg: calls.append((root, cfg)))
-    pipeline._maybe_simulate(spec, nsd)  # simulate = true: simulated again
-    assert calls == [(nsd, spec.simulation)]
+    run_stages(run.run_dir, build_stages(spec, run), targets=["simulate"])  # simulate = true: simulated again
+    assert calls == [(nsd, run.simulation_config(spec.simulation))] and calls[0][1].subject == "subj01"
     spec_off = load_pipeline(_spec(tmp_path), overrides=["prepare.simulate=false"])
     with pytest.raises(DataFormatError) as exc:
-        pipeline._maybe_simulate(spec_off, nsd)
+        run_stages(run.run_dir, build_stages(spec_off, run), targets=["simulate"])
     assert "interrupted" in str(exc.value) and "brainenc simulate" in str(exc.value)
 
 

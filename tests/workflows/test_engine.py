@@ -135,3 +135,31 @@ def test_stage_key_depends_on_config_deps_version():
     assert k == stage_key({"a": 1}, {"x": "1"}, "0.1")
     assert len({k, stage_key({"a": 2}, {"x": "1"}, "0.1"), stage_key({"a": 1}, {"x": "2"}, "0.1"),
                 stage_key({"a": 1}, {"x": "1"}, "0.2")}) == 4
+
+
+def test_a_volatile_stage_runs_every_time_and_its_dependants_follow_its_outputs(tmp_path):
+    """The encoding graph's ``simulate`` stage: always looks, dependants rerun only when what it found changed."""
+    world = {"fingerprint": "v1"}
+    calls = []
+
+    def look(ctx):
+        calls.append("look")
+        return {"data": world["fingerprint"]}
+
+    def use(ctx):
+        calls.append("use")
+        return {"seen": ctx.inputs["look"]["data"]}
+
+    stages = [Stage("look", look, config={"root": "/x"}, volatile=True), Stage("use", use, deps=["look"])]
+    run_stages(tmp_path, stages)
+    run_stages(tmp_path, stages)
+    assert calls == ["look", "use", "look"]  # the volatile stage ran again, its dependant did not
+    key_v1 = read_stage_record(tmp_path, "use")["key"]
+    world["fingerprint"] = "v2"  # the data changed outside the run folder
+    res = run_stages(tmp_path, stages)
+    assert calls[-2:] == ["look", "use"] and res[-1].status == "ran"
+    assert read_stage_record(tmp_path, "use")["outputs"]["seen"] == "v2"
+    assert read_stage_record(tmp_path, "use")["key"] != key_v1
+    world["fingerprint"] = "v1"  # and back: the key is the one of the first run again
+    run_stages(tmp_path, stages)
+    assert read_stage_record(tmp_path, "use")["key"] == key_v1

@@ -33,54 +33,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SIM = {"n_sessions": "1", "n_shared": "50", "grid": "[16, 20, 16]", "stimulus_compression": "1",
-       "nifti_compression": "1", "write_stim_info": "false", "write_hemi_rois": "false"}
+#: the tiny spec of tests/workflows/conftest.py: ridge (2x2-pooled tokens) and routing (3 epochs)
+SPEC_KW = {"fits": ("ridge", "routing"), "families": ("floc-faces",), "epochs": 3}
 
-SPEC = """
-[pipeline]
-name = "tiny"
-
-[prepare]
-simulate = true
-
-[simulate]
-{sim}
-
-[features]
-backbone = "gabor"
-image_size = 64
-layer = "last"
-batch_size = 32
-options = {{cycles_per_image = [2, 4, 8], n_orientations = 4, grid = 4}}
-
-[[fit]]
-name = "ridge"
-features = "tokens"
-grid_pool = 2
-alphas = [1.0, 100.0, 10000.0]
-cv = 3
-
-[[fit]]
-name = "routing"
-kind = "routing"
-[fit.model]
-queries = "rois"
-families = ["floc-faces"]
-val_fraction = 0.2
-[fit.model.model]
-d_model = 16
-n_heads = 2
-d_ffn = 32
-[fit.model.train]
-epochs = 3
-batch_size = 32
-device = "cpu"
-amp = false
-
-[report]
-n_best_voxels = 4
-n_slices = 4
-""".format(sim="\n".join(f"{k} = {v}" for k, v in SIM.items()))
 
 RUN_DIR = "data/runs/tiny/subj01"
 NSD = "data/nsd"
@@ -114,8 +69,8 @@ _STAGE_ROW = re.compile(r"(finished )\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d( \| |</td><t
 #: differ from the final state after a kill, and must be readable); only checked after kills
 IN_PROGRESS = (
     f"{NSD}/brainenc_simulated.json",          # "complete": false until the simulation finishes
-    "data/features/*/*/progress.json",          # rows flushed so far
-    "data/features/*/*/*.partial.npy",          # preallocated rows, filled batch by batch
+    "data/features/*/.*.partial/progress.json",  # rows flushed so far (in the entry's hidden work folder)
+    "data/features/*/.*.partial/*.partial.npy",  # preallocated rows, filled batch by batch
     f"{RUN_DIR}/logs/run.log",                  # appended by every run
     f"{RUN_DIR}/train/*",                       # checkpoints, best-so-far weights, metrics so far
 )
@@ -213,8 +168,8 @@ def check_modes(root: Path, umask: int) -> None:
 
 
 class CLI:
-    def __init__(self, work: Path, spec: Path):
-        self.work, self.spec = work, spec
+    def __init__(self, work: Path, spec: Path, sim: dict):
+        self.work, self.spec, self.sim = work, spec, sim
 
     def __call__(self, *args, kill: str | None = None, umask: int = 0o002, expect: int = 0):
         env = dict(os.environ, BRAINENC_DATA=str(self.work / "data"), BRAINENC_QUIET="1", OMP_NUM_THREADS="1",
@@ -226,7 +181,7 @@ class CLI:
         if args[0] == "run":
             cmd.insert(4, str(self.spec))
         elif args[0] == "simulate":
-            cmd += [f"--set={k}={v}" for k, v in SIM.items()]
+            cmd += [f"--set={k}={v}" for k, v in self.sim.items()]
         p = subprocess.run(cmd, env=env, cwd=self.work.parent, capture_output=True, text=True, timeout=300,
                            preexec_fn=lambda: os.umask(umask))
         if kill:
@@ -251,7 +206,7 @@ KILLS = [
     # brainenc run: prepare stage done, killed at its end (record written, features not begun)
     ("run", "prepare:end:1", None),
     # inside the feature cache write (after the 3rd of 8 batches' progress record)
-    ("run", "features:write:progress.json:3", "data/features/gabor/*/.progress.json.*.tmp.json"),
+    ("run", "features:write:progress.json:3", "data/features/gabor/.*.partial/.progress.json.*.tmp.json"),
     ("run", "fit.ridge:write:alpha.npy:1", f"{RUN_DIR}/models/ridge/.alpha.npy.*.tmp.npy"),
     # routing training: after epoch 1's checkpoint; inside epoch 2's checkpoint; after training
     ("run", "fit.routing:checkpoint:1", None),
@@ -264,12 +219,11 @@ KILLS = [
 ]
 
 
-def test_sigkill_anywhere_then_rerun_equals_uninterrupted_run(tmp_path):
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(SPEC)
+def test_sigkill_anywhere_then_rerun_equals_uninterrupted_run(tmp_path, tiny_spec, tiny_sim):
+    spec = tiny_spec(**SPEC_KW)
     work = tmp_path / "work"
     work.mkdir()
-    cli = CLI(work, spec)
+    cli = CLI(work, spec, tiny_sim)
 
     # the reference: uninterrupted, umask 022
     cli("simulate", umask=0o022)

@@ -14,65 +14,7 @@ import brainenc
 from brainenc.workflows import parse_pipeline, read_stage_record, run_pipeline
 from brainenc.workflows.spec import EvaluateConfig
 
-SPEC = """
-[pipeline]
-name = "tiny-load"
-
-[prepare]
-simulate = true
-
-[simulate]
-n_sessions = 1
-n_shared = 50
-grid = [16, 20, 16]
-stimulus_compression = 1
-nifti_compression = 1
-write_stim_info = false
-write_hemi_rois = false
-
-[features]
-backbone = "gabor"
-image_size = 64
-layer = "last"
-options = {cycles_per_image = [2, 4, 8], n_orientations = 4, grid = 4}
-
-[[fit]]
-name = "ridge"
-features = "tokens"
-grid_pool = 2
-alphas = [1.0, 100.0, 10000.0]
-cv = 3
-
-[[fit]]
-name = "pooled"
-features = "pooled"
-alphas = [1.0, 100.0]
-cv = 3
-
-[[fit]]
-name = "raw"
-features = "pooled"
-standardize = false
-alphas = [10.0]
-cv = 3
-
-[[fit]]
-name = "routing"
-kind = "routing"
-[fit.model]
-queries = "rois"
-families = ["prf-visualrois", "floc-faces"]
-val_fraction = 0.2
-[fit.model.model]
-d_model = 16
-n_heads = 2
-d_ffn = 32
-[fit.model.train]
-epochs = 1
-batch_size = 32
-device = "cpu"
-amp = false
-
+TAIL = """
 [evaluate]
 cap = -1
 
@@ -100,14 +42,13 @@ def test_evaluate_check_keeps_cap_and_negative_means_none(cap, effective):
 
 
 @pytest.mark.slow
-def test_saved_models_load_and_reproduce_the_pipeline_predictions(tmp_path):
+def test_saved_models_load_and_reproduce_the_pipeline_predictions(tmp_path, tiny_spec):
     from brainenc.datasets.prepare import load_prepared
     from brainenc.encoding import RidgeEncoder
     from brainenc.encoding.routing import RoutingEncoder
     from brainenc.features import load_feature_set, pool_grid
 
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(SPEC)
+    spec = tiny_spec(name="tiny-load", fits=("ridge", "pooled", "raw", "routing"), epochs=1, tail=TAIL)
     run_dir = run_pipeline(spec, subject="subj01", data_dir=tmp_path / "data")
 
     # what a notebook has: the run folder. The dataset and the feature cache entry it used:
@@ -118,8 +59,9 @@ def test_saved_models_load_and_reproduce_the_pipeline_predictions(tmp_path):
     test = ds.splits["test"]
     assert test.size > 0
 
-    def saved(name):
-        return np.load(run_dir / "predictions" / name / "test.npy")
+    def saved(name):  # the file the fit stage recorded
+        rel = read_stage_record(run_dir, f"fit.{name}")["outputs"]["predictions"]["test"]
+        return np.load(run_dir / rel)
 
     # ridge on 2x2-pooled patch tokens: the model standardises its raw inputs itself
     enc = brainenc.load(run_dir / "models" / "ridge")

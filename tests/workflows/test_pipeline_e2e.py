@@ -2,6 +2,7 @@
 
 Uses the Gabor backbone (no weights, fast) on small images; marked slow (~1 minute on 2 cores).
 """
+import dataclasses
 import json
 
 import nibabel as nib
@@ -12,64 +13,6 @@ from brainenc.workflows import FIT_KINDS, read_stage_record, run_pipeline
 
 pytestmark = pytest.mark.slow
 
-SPEC = """
-[pipeline]
-name = "tiny"
-
-[prepare]
-simulate = true
-
-[simulate]
-n_sessions = 1
-n_shared = 50
-grid = [16, 20, 16]
-stimulus_compression = 1
-nifti_compression = 1
-write_stim_info = false
-write_hemi_rois = false
-
-[features]
-backbone = "gabor"
-image_size = 64
-layer = "last"
-options = {cycles_per_image = [2, 4, 8], n_orientations = 4, grid = 4}
-
-[[fit]]
-name = "ridge"
-features = "tokens"
-grid_pool = 2
-alphas = [1.0, 100.0, 10000.0]
-cv = 3
-
-[[fit]]
-name = "pooled"
-features = "pooled"
-alphas = [1.0, 100.0]
-cv = 3
-
-[[fit]]
-name = "routing"
-kind = "routing"
-[fit.model]
-queries = "rois"
-families = ["prf-visualrois", "floc-faces"]
-val_fraction = 0.2
-[fit.model.model]
-d_model = 16
-n_heads = 2
-d_ffn = 32
-[fit.model.train]
-epochs = 2
-batch_size = 32
-device = "cpu"
-amp = false
-
-[report]
-n_best_voxels = 4
-n_slices = 4
-"""
-
-
 class Crash(RuntimeError):
     pass
 
@@ -78,29 +21,28 @@ def _ran(run_dir, names):
     return {n: read_stage_record(run_dir, n)["started"] for n in names}
 
 
-def test_quickstart_like_pipeline_end_to_end(tmp_path, monkeypatch):
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(SPEC)
+def test_quickstart_like_pipeline_end_to_end(tmp_path, monkeypatch, tiny_spec):
+    spec = tiny_spec()
     data = tmp_path / "data"
     stages = ["prepare", "features", "fit.ridge", "fit.pooled", "fit.routing", "evaluate", "report"]
 
     # 1) a crash inside a fit stage keeps the finished stages
     entry = FIT_KINDS.get("ridge")  # "pooled" is a ridge model
-    real_fit = entry["fit"]
+    real_fit = entry.fit
 
-    def crashing(ctx, cfg, d):
-        if cfg.name == "pooled":
+    def crashing(ctx, fit, d):
+        if fit.name == "pooled":
             raise Crash("killed")
-        return real_fit(ctx, cfg, d)
+        return real_fit(ctx, fit, d)
 
-    monkeypatch.setitem(entry, "fit", crashing)
+    monkeypatch.setitem(FIT_KINDS._items, "ridge", dataclasses.replace(entry, fit=crashing))
     with pytest.raises(Crash):
         run_pipeline(spec, subject="subj01", data_dir=data)
     run_dir = data / "runs" / "tiny" / "subj01"
     assert read_stage_record(run_dir, "fit.ridge") is not None
     assert read_stage_record(run_dir, "fit.pooled") is None and read_stage_record(run_dir, "report") is None
     first = _ran(run_dir, ["prepare", "features", "fit.ridge"])
-    monkeypatch.setitem(entry, "fit", real_fit)
+    monkeypatch.setitem(FIT_KINDS._items, "ridge", entry)
 
     # 2) the rerun resumes at the first unfinished stage
     out = run_pipeline(spec, subject="subj01", data_dir=data)

@@ -2,7 +2,8 @@
 import json
 
 from brainenc.workflows import load_pipeline, run_dir_for
-from brainenc.workflows.pipeline import collect_versions, data_fingerprint
+from brainenc.workflows.encoding import data_fingerprint
+from brainenc.workflows.pipeline import collect_versions
 
 
 def _manifest(root, subjects):
@@ -22,6 +23,6 @@ def test_fingerprint_tracks_only_this_subjects_simulation(tmp_path):
 def test_versions_and_run_dir(tmp_path):
     v = collect_versions()
     assert v["python"] and "numpy" in v["packages"] and "git" in v
-    spec = load_pipeline("quickstart", subject="subj02")
-    assert run_dir_for(spec, tmp_path) == tmp_path / "runs" / "quickstart" / "subj02"
-    assert run_dir_for(spec, tmp_path, out=tmp_path / "x") == (tmp_path / "x").resolve()
+    spec = load_pipeline("quickstart")
+    assert run_dir_for(spec, "subj02", tmp_path) == tmp_path / "runs" / "quickstart" / "subj02"
+    assert run_dir_for(spec, "subj02", tmp_path, out=tmp_path / "x") == (tmp_path / "x").resolve()

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from brainenc.exceptions import ConfigError
-from brainenc.workflows import RidgeFitConfig, load_pipeline, parse_pipeline
+from brainenc.workflows import FitSpec, RunContext, load_pipeline, parse_pipeline
 from brainenc.workflows.spec import pipelines_dir, resolve_pipeline_path
 
 PIPELINES = sorted(pipelines_dir().glob("*.toml"))
@@ -20,13 +20,20 @@ def test_every_pipeline_parses_into_dataclasses(path):
     from brainenc.datasets.prepare import PrepareConfig
     from brainenc.features import FeatureSpec
 
-    spec = load_pipeline(path, subject="subj02")
+    spec = load_pipeline(path)
     assert spec.name == path.stem
-    assert isinstance(spec.prepare, PrepareConfig) and spec.prepare.subject == "subj02"
-    assert isinstance(spec.features, FeatureSpec)
+    assert isinstance(spec.prepare, PrepareConfig) and isinstance(spec.features, FeatureSpec)
     assert spec.fits and len({f.name for f in spec.fits}) == len(spec.fits)
     resolved = spec.resolved()
-    assert resolved["prepare"]["subject"] == "subj02" and [f["name"] for f in resolved["fit"]] == [f.name for f in spec.fits]
+    assert "subject" not in resolved["prepare"]  # the run names the subject, not the spec
+    assert [f["name"] for f in resolved["fit"]] == [f.name for f in spec.fits]
+    for fit in spec.fits:  # every [[fit]] table builds its estimator, and the resolved table round-trips
+        est = fit.build()
+        assert est.to_config() == fit.params
+        again = parse_pipeline({"pipeline": {"name": "t"}, "fit": [fit.to_dict()]}).fits[0]
+        assert again == fit
+    run = RunContext.create(spec, "subj02", data_dir="/tmp/brainenc-unused")
+    assert run.prepare_config(spec.prepare).subject == "subj02"
 
 
 def _minimal(**extra):
@@ -36,11 +43,15 @@ def _minimal(**extra):
 
 
 def test_defaults_and_overrides_address_models_by_name():
-    spec = parse_pipeline(_minimal(), subject="3", overrides=["fit.ridge.cv=3", "prepare.zscore=false",
-                                                               "evaluate.nc_floor=0.05"])
+    spec = parse_pipeline(_minimal(), overrides=["fit.ridge.cv=3", "prepare.zscore=false",
+                                                 "evaluate.nc_floor=0.05"])
     (fit,) = spec.fits
-    assert isinstance(fit, RidgeFitConfig) and fit.cv == 3 and fit.alphas == [1.0, 10.0]
-    assert spec.prepare.subject == "subj03" and spec.prepare.zscore is False
+    assert isinstance(fit, FitSpec) and fit.params["cv"] == 3 and fit.params["alphas"] == [1.0, 10.0]
+    assert fit.params["standardize"] is True  # the pipeline's ridge kind z-scores unless told otherwise
+    assert fit.inputs.features == "pooled" and fit.inputs.grid_pool == 0
+    enc = fit.build()
+    assert type(enc).__name__ == "RidgeEncoder" and enc.cv == 3 and enc.standardize
+    assert spec.prepare.zscore is False
     assert spec.evaluate.nc_floor == 0.05
     assert spec.simulate is False and spec.simulation is None
 
@@ -54,8 +65,21 @@ def test_defaults_and_overrides_address_models_by_name():
     ({"pipeline": {"name": "t"}, "fit": [{"name": "ridge", "alpah": [1.0]}]}, "unknown key 'fit.ridge.alpah'"),
     ({"pipeline": {"name": "t"}, "fit": [{"name": "m", "kind": "lasso"}]}, "unknown fit kind 'lasso'"),
     ({"pipeline": {"name": "t"}, "fit": [{"name": "a"}, {"name": "a"}]}, "duplicate model name 'fit.a'"),
-    ({"pipeline": {"name": "t"}, "fit": [{"name": "a", "alphas": [0.0]}]}, "'fit.a.alphas' must all be > 0"),
-    ({"pipeline": {"name": "t"}, "fit": [{"name": "a", "grid_pool": 4}]}, "grid_pool"),
+    ({"pipeline": {"name": "t"}, "fit": [{"name": "a", "alphas": [0.0]}]}, "'fit.a.alphas' must all be finite and > 0"),
+    ({"pipeline": {"name": "t"}, "fit": [{"name": "a", "cv": 1}]}, "'fit.a.cv' must be an int >= 2"),
+    ({"pipeline": {"name": "t"}, "fit": [{"name": "a", "solver": "lu"}]}, "'fit.a.solver' must be one of"),
+    ({"pipeline": {"name": "t"}, "fit": [{"name": "a", "grid_pool": 4}]}, "unknown key 'fit.a.grid_pool'"),
+    ({"pipeline": {"name": "t"}, "fit": [{"name": "a", "inputs": {"grid_pool": 4}}]}, "'inputs.grid_pool'.*tokens"),
+    ({"pipeline": {"name": "t"}, "fit": [{"name": "a", "inputs": {"featurs": "tokens"}}]},
+     "unknown key 'fit.a.inputs.featurs'"),
+    ({"pipeline": {"name": "t"}, "fit": [{"name": "r", "kind": "routing", "d_model": 8}]},
+     "unknown key 'fit.r.d_model'.*belongs in the 'fit.r.model' table"),
+    ({"pipeline": {"name": "t"}, "fit": [{"name": "r", "kind": "routing", "model": {"d_modle": 8}}]},
+     "unknown key 'fit.r.model.d_modle'"),
+    ({"pipeline": {"name": "t"}, "fit": [{"name": "r", "kind": "routing", "queries": "roi"}]},
+     "'fit.r.queries' must be one of"),
+    ({"pipeline": {"name": "t", "task": "decodng"}}, "unknown task 'decodng'"),
+    (_minimal(prepare={"subject": "subj02"}), "'prepare.subject'.*comes from the run"),
     (_minimal(evaluate={"metrics": ["rr"]}), "unknown metric 'rr'"),
     (_minimal(prepare={"simulate": "yes"}), "'prepare.simulate' must be true or false"),
     ({"fit": []}, "needs a \\[pipeline\\] table"),
@@ -67,9 +91,12 @@ def test_invalid_specs_fail_with_the_key_named(data, match):
         parse_pipeline(data)
 
 
-def test_simulate_table_is_validated_and_takes_the_subject():
-    spec = parse_pipeline(_minimal(prepare={"simulate": True}, simulate={"n_sessions": 1}), subject="subj02")
-    assert spec.simulate and spec.simulation.subject == "subj02" and spec.simulation.n_sessions == 1
+def test_simulate_table_is_validated_and_the_run_gives_the_subject(tmp_path):
+    spec = parse_pipeline(_minimal(prepare={"simulate": True}, simulate={"n_sessions": 1}))
+    assert spec.simulate and spec.simulation.n_sessions == 1
+    run = RunContext.create(spec, "subj02", data_dir=tmp_path)
+    assert run.simulation_config(spec.simulation).subject == "subj02"
+    assert run.run_dir == tmp_path / "runs" / "t" / "subj02" and run.nsd_root == tmp_path / "nsd"
     with pytest.raises(ConfigError, match="unknown key 'simulate.sessions'"):
         parse_pipeline(_minimal(prepare={"simulate": True}, simulate={"sessions": 1}))
 
