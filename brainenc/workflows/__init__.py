@@ -16,21 +16,25 @@ from brainenc.workflows.spec import (
     FitKind,
     FitSpec,
     PipelineSpec,
-    _register_builtin_kinds,
     load_pipeline,
     parse_pipeline,
     register_fit_kind,
 )
 
 
-def _register_builtin_tasks() -> None:
+def _register_builtins() -> None:
+    """The encoding task and its model kinds (other tasks register theirs from their own modules)."""
+    from brainenc.workflows import fitters
     from brainenc.workflows.encoding import build_encoding_graph
 
     register_task("encoding", build_encoding_graph)
+    # the pipeline's ridge z-scores the features with the train rows' statistics unless told otherwise
+    register_fit_kind("ridge", "ridge", fitters.fit_ridge, inputs={"features": "pooled"},
+                      defaults={"standardize": True})
+    register_fit_kind("routing", "routing", fitters.fit_routing, inputs={"features": "tokens"})
 
 
-_register_builtin_kinds()
-_register_builtin_tasks()
+_register_builtins()
 
 __all__ = [
     "run_pipeline",

@@ -397,12 +397,3 @@ def load_pipeline(pipeline: str | Path, *, overrides: list[str] | None = None) -
     """Read and validate a pipeline spec (path or bare name under ``pipelines/``)."""
     path = resolve_pipeline_path(pipeline)
     return parse_pipeline(load_toml(path), overrides=overrides, source=path)
-
-
-def _register_builtin_kinds() -> None:
-    from brainenc.workflows import fitters
-
-    # the pipeline's ridge z-scores the features with the train rows' statistics unless told otherwise
-    register_fit_kind("ridge", "ridge", fitters.fit_ridge, inputs={"features": "pooled"},
-                      defaults={"standardize": True})
-    register_fit_kind("routing", "routing", fitters.fit_routing, inputs={"features": "tokens"})
