@@ -251,12 +251,13 @@ def _stage_evaluate(spec: PipelineSpec, loaded: _Loaded):
                                    below_floor=ev.below_floor, cap=ev.effective_cap)
         scores = score_predictions(y, preds, ds.noise_ceiling, roi_masks=ds.roi_masks(), metrics=ev.metrics,
                                    split=ev.split, options=options)
-        files = [ctx.rel(p) for p in scores.save(ctx.path("scores", "x").parent)]
+        folder = ctx.path("scores", "x").parent
+        files = [ctx.rel(p) for p in scores.save(folder)]
         summary = scores.summary()
         for name, model_sum in summary["models"].items():
             log.info("evaluate %s: mean r %.3f, median r %.3f, mean NC-norm %.3f", name,
                      model_sum["r"]["mean"], model_sum["r"]["median"], model_sum["nc_norm"]["mean"])
-        return {"files": files, "split": ev.split, "scores": "scores",
+        return {"files": files, "split": ev.split, "scores": ctx.rel(folder),
                 "mean_r": {k: v["r"]["mean"] for k, v in summary["models"].items()}}
     return body
 

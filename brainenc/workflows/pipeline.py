@@ -183,9 +183,6 @@ class RunContext:
         """``simulation`` (a SimulationConfig) for this run's subject."""
         return dataclasses.replace(simulation, subject=self.subject)
 
-    def describe(self) -> dict:
-        return {"subject": self.subject, "data_dir": str(self.data_dir), "nsd_root": str(self.nsd_root),
-                "run_dir": str(self.run_dir)}
 
 
 #: tasks: name -> ``build(spec, run) -> list[Stage]`` (``[pipeline] task = "<name>"``)

@@ -1,6 +1,4 @@
 """Pipeline specs: every shipped spec parses; bad specs fail up front with one-line errors."""
-from pathlib import Path
-
 import pytest
 
 from brainenc.exceptions import ConfigError
