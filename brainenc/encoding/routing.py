@@ -37,10 +37,26 @@ from brainenc.estimator import (
 )
 from brainenc.exceptions import ConfigError, DataFormatError
 
-__all__ = ["RoutingEncoder"]
+__all__ = ["RoutingEncoder", "PRESETS"]
 
 #: constructor parameters that are nested tables (merged key by key by ``from_pretrained`` overrides)
 _NESTED = ("model", "train")
+#: values of parameters added after a format was written, for configs saved without them
+_LEGACY_DEFAULTS = {"standardize_tokens": False, "preset": "paper"}
+
+#: Named configurations: preset -> (RoutingArchitecture fields, TrainConfig fields) over the dataclass
+#: defaults, which are the paper's (reference_systems.md a.3). Entries of ``model`` / ``train`` override
+#: the preset field by field. The ablation behind ``compact`` is kernels/bench/routing_ablation.py
+#: (docs/routing_encoder.md, "Choosing a configuration").
+PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # d 768 / 16 heads / FFN 1024, dropout 0.1, final LayerNorm; AdamW 5e-4, clip 0.1, batch 16, 15 epochs:
+    # for NSD-scale runs on a GPU that reproduce the paper
+    "paper": ({}, {}),
+    # a few thousand images on a CPU in minutes: a smaller model, the positional code x10 (the
+    # largest gain of the ablation, on early visual voxels), AdamW 1e-3 at a constant rate, clip 1.0
+    "compact": ({"d_model": 128, "n_heads": 8, "d_ffn": 256, "positional_scale": 10.0},
+                {"epochs": 30, "batch_size": 32, "lr": 1e-3, "grad_clip": 1.0, "schedule": "constant"}),
+}
 
 
 class _WeightsMismatch(DataFormatError):
@@ -54,16 +70,18 @@ def _infer_grid(n_tokens: int) -> tuple[int, int]:
     return (s, s)
 
 
-def _nested(cls, value, name: str, prefix: str = ""):
-    """A validated copy of the nested config ``value`` (None, a ``cls`` instance or a mapping of its fields)."""
+def _nested(cls, value, name: str, prefix: str = "", base: Mapping[str, Any] | None = None):
+    """A validated copy of the nested config ``value`` (None, a ``cls`` instance or a mapping of its
+    fields over ``base``, the preset's fields)."""
+    base = dict(base or {})
     if value is None:
-        return from_dict(cls, {})
+        return from_dict(cls, base, _prefix=f"{prefix}{name}.")
     if isinstance(value, cls):
         out = dataclasses.replace(value)  # a copy: the fitted model never aliases the parameter
         out.check()
         return out
     if isinstance(value, Mapping):
-        return from_dict(cls, value, _prefix=f"{prefix}{name}.")
+        return from_dict(cls, {**base, **value}, _prefix=f"{prefix}{name}.")
     raise ConfigError(f"'{prefix}{name}' must be None, a {cls.__name__} or a mapping of its fields; "
                       f"{type(value).__name__} was provided")
 
@@ -87,14 +105,27 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         ROI families used by ``queries='rois'`` (default: every family of ``roi_labels``).
     unknown : bool
         One ``unknown`` query per hemisphere for voxels in no ROI.
+    preset : {'compact', 'paper'}
+        Named configuration that ``model`` and ``train`` start from (:data:`PRESETS`). ``compact``
+        (default): d 128, 8 heads, FFN 256, dropout 0.1, final LayerNorm, positional code x10;
+        AdamW 1e-3, clip 1.0, batch 32, 30 epochs at a constant learning rate: a good model of a
+        few thousand images in minutes on a CPU. ``paper``: the published configuration (d 768, 16 heads, FFN 1024,
+        dropout 0.1, final LayerNorm; AdamW 5e-4, clip 0.1, batch 16, 15 epochs), for NSD-scale
+        runs on a GPU.
     model : RoutingArchitecture or mapping, optional
         Architecture (``d_model``, ``n_heads``, ``d_ffn``, ``n_layers``, ``dropout``, ``positional``,
-        ``query_self_attn``, ``value_proj``, ``input_proj``, ``final_norm``, ``voxel_variant``,
-        ``voxel_chunk``, ``routing_backend``); None = the paper's defaults.
+        ``query_self_attn``, ``value_proj``, ``input_proj``, ``final_norm``, ``queries_per_group``,
+        ``voxel_variant``, ``voxel_chunk``, ``routing_backend``): a mapping overrides the preset's
+        fields one by one; a RoutingArchitecture is used as it is.
     train : TrainConfig or mapping, optional
         Optimisation and execution (``epochs``, ``lr``, ``batch_size``, ``device``, ``amp``,
-        ``eval_batch_size``, ...); None = defaults (AdamW 5e-4, wd 1e-4, clip 0.1, batch 16, 15 epochs).
+        ``eval_batch_size``, ...), over the preset as ``model``.
         ``predict`` runs on ``train.device`` with ``train.amp`` and ``train.eval_batch_size``.
+    standardize_tokens : bool
+        Standardise every token channel with the mean and standard deviation over the training
+        rows' tokens (fitted by ``fit``, streamed over the rows; saved with the model and applied
+        by ``predict`` and ``attention_maps``). Backbone activations have channel scales that differ
+        by orders of magnitude and swamp the positional code; on by default.
     val_fraction : float
         Fraction of the training rows held out for best-epoch selection when ``fit`` gets no
         ``validation_data``, in [0, 1) (0 = no validation: keep the last epoch).
@@ -112,6 +143,8 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     grid_ : (int, int)
     n_voxels_, n_features_, n_tokens_ : int
     best_epoch_ : int
+    token_mean_, token_scale_ : ndarray, float32 [n_features], or None
+        Token statistics applied before the model (None with ``standardize_tokens=False``).
     val_scores_ : ndarray, float32 [n_voxels], or None
         Validation Pearson r per voxel at the best epoch (input to ensembling).
     history_ : list of dict
@@ -129,14 +162,17 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     """
 
     def __init__(self, queries: str = "rois", combine: str = "sum", families: Sequence[str] | None = None,
-                 unknown: bool = True, model=None, train=None, val_fraction: float = 0.1, val_seed: int = 0,
-                 scoring: str = "r2"):
+                 unknown: bool = True, preset: str = "compact", model=None, train=None,
+                 standardize_tokens: bool = True,
+                 val_fraction: float = 0.1, val_seed: int = 0, scoring: str = "r2"):
         self.queries = queries
         self.combine = combine
         self.families = families
         self.unknown = unknown
+        self.preset = preset
         self.model = model
         self.train = train
+        self.standardize_tokens = standardize_tokens
         self.val_fraction = val_fraction
         self.val_seed = val_seed
         self.scoring = scoring
@@ -152,22 +188,18 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
                 return f"; it belongs in the '{prefix}{table}' table"
         return None
 
-    def to_config(self) -> dict[str, Any]:
-        """Constructor parameters as JSON data with the ``model`` and ``train`` tables filled in."""
-        out = super().to_config()
-        arch, train = self._check_params()
-        out["model"], out["train"] = to_dict(arch), to_dict(train)
-        return out
+    def _preset(self, prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+        return PRESETS[check_option(f"{prefix}preset", self.preset, tuple(PRESETS))]
 
     def _arch(self, prefix: str = ""):
         from brainenc.models import RoutingArchitecture
 
-        return _nested(RoutingArchitecture, self.model, "model", prefix)
+        return _nested(RoutingArchitecture, self.model, "model", prefix, base=self._preset(prefix)[0])
 
     def _train_config(self, prefix: str = ""):
         from brainenc.training import TrainConfig
 
-        return _nested(TrainConfig, self.train, "train", prefix)
+        return _nested(TrainConfig, self.train, "train", prefix, base=self._preset(prefix)[1])
 
     def _check_params(self, prefix: str = ""):
         """Validate every parameter; returns the (RoutingArchitecture, TrainConfig) to fit with."""
@@ -180,8 +212,9 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         if fams is not None and (isinstance(fams, str) or not isinstance(fams, Sequence)
                                  or not all(isinstance(f, str) for f in fams)):
             raise ConfigError(f"'{prefix}families' must be None or a list of ROI family names; {fams!r} was provided")
-        if not isinstance(self.unknown, bool):
-            raise ConfigError(f"'{prefix}unknown' must be true or false; {self.unknown!r} was provided")
+        for name in ("unknown", "standardize_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"'{prefix}{name}' must be true or false; {getattr(self, name)!r} was provided")
         vf = self.val_fraction
         if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf < 1.0:
             raise ConfigError(f"'{prefix}val_fraction' must be a number in [0, 1); {vf!r} was provided")
@@ -226,7 +259,7 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         """
         arch, train = self._check_params()
         from brainenc.models import RoutingEncoderModel, build_query_set
-        from brainenc.training import Trainer, VoxelRegression, seed_everything
+        from brainenc.training import Trainer, VoxelRegression, channel_statistics, seed_everything
         from brainenc.training.data import RowSubset
 
         if np.ndim(tokens) != 3:
@@ -264,7 +297,13 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
                                     families=self.families, clusters=clusters, combine=self.combine,
                                     unknown=self.unknown)
         seed_everything(train.seed)  # model init is part of the seeded run
-        model = RoutingEncoderModel(arch, feature_dim=int(d), grid=grid, n_voxels=V, query_set=query_set)
+        model = RoutingEncoderModel(arch, feature_dim=int(d), grid=grid, n_voxels=V, query_set=query_set,
+                                    token_norm=self.standardize_tokens)
+        if self.standardize_tokens:
+            mean, std = channel_statistics(Xt)
+            # a constant channel keeps scale 1 (it becomes 0 after centring instead of inf/nan)
+            std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0)
+            model.set_token_stats(mean, std)
         res = Trainer(model, train, objective=VoxelRegression(), run_dir=run_dir).fit(
             {"x": Xt, "y": Yt}, val=val, resume=resume)
         model.eval()
@@ -279,6 +318,16 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
 
     def _is_fitted(self) -> bool:
         return hasattr(self, "model_")
+
+    @property
+    def token_mean_(self) -> np.ndarray | None:
+        self._check_fitted()
+        return self.model_.token_mean.cpu().numpy() if self.model_.token_norm else None
+
+    @property
+    def token_scale_(self) -> np.ndarray | None:
+        self._check_fitted()
+        return self.model_.token_scale.cpu().numpy() if self.model_.token_norm else None
 
     def _check_tokens(self, tokens) -> None:
         if np.ndim(tokens) != 3 or tuple(np.shape(tokens)[1:]) != (self.n_tokens_, self.n_features_):
@@ -372,19 +421,22 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     def query_names_(self) -> list[str]:
         """Query names [Q] (voxel queries: ``"voxel-<i>"``)."""
         self._check_fitted()
-        if self.query_set_ is not None:
-            return list(self.query_set_.names)
+        if self.model_.query_names is not None:
+            return list(self.model_.query_names)
         return [f"voxel-{i}" for i in range(self.n_voxels_)]
 
     # ---- persistence (through EstimatorMixin.save_pretrained / from_pretrained) ---------------
     def _config_json(self) -> dict[str, Any]:
-        # model/train may be given as dataclasses: their JSON form is their field table
+        # model/train are written whole (preset applied): a saved model does not depend on what a
+        # preset holds in a later version
         out = {}
         for key, value in self.get_params(deep=False).items():
             j = to_json_value(to_dict(value))
             if not _is_json(j):
                 raise ConfigError(f"'{key}' has no JSON form ({type(value).__name__}); use plain values")
             out[key] = j
+        arch, train = self._check_params()
+        out["model"], out["train"] = to_json_value(to_dict(arch)), to_json_value(to_dict(train))
         return out
 
     def _fitted_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -396,7 +448,7 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         arrays["train_index"] = np.asarray(self.train_index_, dtype=np.int64)
         if self.val_index_ is not None:
             arrays["val_index"] = np.asarray(self.val_index_, dtype=np.int64)
-        meta = {"grid": list(self.grid_), "n_voxels": int(self.n_voxels_), "n_features": int(self.n_features_),
+        meta = {"grid": list(self.grid_), "token_norm": bool(self.model_.token_norm), "n_voxels": int(self.n_voxels_), "n_features": int(self.n_features_),
                 "n_tokens": int(self.n_tokens_), "best_epoch": int(self.best_epoch_), "history": to_json_value(self.history_),
                 "query_set": None if self.query_set_ is None else self.query_set_.meta()}
         return arrays, meta
@@ -413,7 +465,8 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         grid = (int(meta["grid"][0]), int(meta["grid"][1]))
         with torch.random.fork_rng(devices=[]):  # building the modules draws init values; leave the user's RNG alone
             model = RoutingEncoderModel(self._arch(), feature_dim=int(meta["n_features"]), grid=grid,
-                                        n_voxels=int(meta["n_voxels"]), query_set=qs)
+                                        n_voxels=int(meta["n_voxels"]), query_set=qs,
+                                        token_norm=bool(meta.get("token_norm", False)))
         state = {k[len("model."):]: torch.from_numpy(np.asarray(v)) for k, v in arrays.items() if k.startswith("model.")}
         expected = model.state_dict()
         problems = [f"missing {k!r}" for k in expected if k not in state]
@@ -448,8 +501,11 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
             would not fit the saved weights).
         """
         directory = Path(directory).expanduser()
+        saved = read_pretrained_config(directory)["config"]
+        for key, legacy in _LEGACY_DEFAULTS.items():  # saved before the parameter existed
+            if key not in saved:
+                params.setdefault(key, legacy)
         if any(isinstance(params.get(k), Mapping) for k in _NESTED):
-            saved = read_pretrained_config(directory)["config"]
             for k in _NESTED:
                 if isinstance(params.get(k), Mapping) and isinstance(saved.get(k), Mapping):
                     params[k] = {**saved[k], **params[k]}

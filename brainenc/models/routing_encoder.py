@@ -3,8 +3,10 @@ from the equations in reference_systems.md (a.1); no code of the GPL-3 original 
 
 Forward pass (grouped queries: ROIs × hemispheres + unknown, streams, hemispheres, custom clusters)::
 
-    F  = input_proj(tokens)                      [B, N, D]   (identity when feature_dim == d_model)
-    P  = positional code of the (h, w) grid      [N, D]      (keys only)
+    X  = (tokens - μ) / σ                        [B, N, C]   (optional: per-channel statistics of the
+                                                             training tokens, buffers of the model)
+    F  = input_proj(X)                           [B, N, D]   (identity when feature_dim == d_model)
+    P  = s · positional code of the (h, w) grid  [N, D]      (keys only; s = positional_scale)
     t0 = 0,  query_pos = E (learned, N(0, 1))    [Q, D]
     per decoder layer (pre-norm):
         [t += Drop(SelfAttn(LN1(t) + E, LN1(t) + E, LN1(t)))]            optional
@@ -72,6 +74,11 @@ class RoutingArchitecture:
         Residual, FFN and attention dropout, in [0, 1).
     positional : {'sine', 'learned', 'none'}
         Code added to the keys (``sine`` needs ``d_model % 4 == 0``).
+    positional_scale : float
+        Multiplier of the positional code (> 0). The sine code has amplitude 1 per dimension, about
+        the size of standardised projected tokens, and a model trained on a few thousand images
+        then barely uses it (issue 17's ablation: scale 0.1, 1 and no code score alike on early
+        visual voxels); a larger scale makes spatial attention easy to learn. 1 = the paper.
     query_self_attn : bool
         Self-attention among queries (removed in the paper's final model; grouped queries only).
     value_proj : bool
@@ -80,6 +87,11 @@ class RoutingArchitecture:
         Linear map feature_dim -> d_model; None = only when they differ.
     final_norm : bool
         LayerNorm on the decoder output.
+    queries_per_group : int
+        Learned queries per group (grouped queries only): each voxel reads the concatenation of
+        its group's ``K`` output tokens with a ``K * d_model`` readout vector, so voxels of one ROI
+        can mix ``K * n_heads`` attention maps (e.g. receptive fields of early visual voxels);
+        1 = the paper's one query per ROI.
     voxel_variant : {'routing', 'full'}
         Voxel-query variant (see module docstring).
     voxel_chunk : int
@@ -96,10 +108,12 @@ class RoutingArchitecture:
     n_layers: int = 1
     dropout: float = 0.1
     positional: str = "sine"
+    positional_scale: float = 1.0
     query_self_attn: bool = False
     value_proj: bool = True
     input_proj: Optional[bool] = None
     final_norm: bool = True
+    queries_per_group: int = 1
     voxel_variant: str = "routing"
     voxel_chunk: int = 2048
     routing_backend: str = "auto"
@@ -108,7 +122,7 @@ class RoutingArchitecture:
         """Validate (never modifies a value); raises a one-line ConfigError naming the field."""
         from brainenc.ops import list_backends
 
-        for name in ("d_model", "n_heads", "d_ffn", "n_layers", "voxel_chunk"):
+        for name in ("d_model", "n_heads", "d_ffn", "n_layers", "queries_per_group", "voxel_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"'{name}' must be an integer >= 1; {value!r} was provided")
@@ -119,6 +133,9 @@ class RoutingArchitecture:
             raise ConfigError(f"'d_model' ({self.d_model}) must be divisible by 'n_heads' ({self.n_heads})")
         if self.positional == "sine" and self.d_model % 4:
             raise ConfigError(f"'d_model' must be divisible by 4 for positional='sine'; {self.d_model} was provided")
+        ps = self.positional_scale
+        if isinstance(ps, bool) or not isinstance(ps, (int, float)) or not (0.0 < ps < float("inf")):
+            raise ConfigError(f"'positional_scale' must be a finite number > 0; {ps!r} was provided")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"'dropout' must be in [0, 1); {self.dropout} was provided")
 
@@ -277,6 +294,9 @@ class RoutingEncoderModel(nn.Module):
     query_set : QuerySet, optional
         Grouped queries (ROIs, streams, hemispheres, custom clusters) with this membership; None =
         one query per voxel (``arch.voxel_variant`` chooses the form).
+    token_norm : bool
+        Standardise the tokens per channel with the buffers ``token_mean`` / ``token_scale``
+        [feature_dim] (set them with :meth:`set_token_stats`; saved in the state dict).
 
     Attributes
     ----------
@@ -289,7 +309,7 @@ class RoutingEncoderModel(nn.Module):
     """
 
     def __init__(self, arch: RoutingArchitecture | None = None, *, feature_dim: int, grid: tuple[int, int],
-                 n_voxels: int, query_set: QuerySet | None = None):
+                 n_voxels: int, query_set: QuerySet | None = None, token_norm: bool = False):
         super().__init__()
         arch = RoutingArchitecture() if arch is None else arch
         if not isinstance(arch, RoutingArchitecture):
@@ -305,6 +325,9 @@ class RoutingEncoderModel(nn.Module):
         query_mode = "voxels" if query_set is None else "grouped"
         if query_mode == "voxels" and arch.query_self_attn:
             raise ConfigError("query_self_attn=True is not supported with one query per voxel (V×V attention)")
+        if query_mode == "voxels" and arch.queries_per_group != 1:
+            raise ConfigError(f"queries_per_group={arch.queries_per_group} needs grouped queries "
+                              "(queries='voxels' has one query per voxel)")
         if not arch.value_proj and not arch.uses_input_proj(feature_dim) and feature_dim != arch.d_model:
             raise ConfigError(f"value_proj=False needs feature_dim == d_model or input_proj=True; "
                               f"feature_dim={feature_dim}, d_model={arch.d_model}")
@@ -313,13 +336,19 @@ class RoutingEncoderModel(nn.Module):
         self.arch = arch
         self.feature_dim, self.grid, self.n_voxels, self.query_mode = feature_dim, grid, n_voxels, query_mode
         D = arch.d_model
+        self.token_norm = bool(token_norm)
+        if self.token_norm:
+            self.register_buffer("token_mean", torch.zeros(feature_dim))
+            self.register_buffer("token_scale", torch.ones(feature_dim))
         self.input_proj = nn.Linear(feature_dim, D) if arch.uses_input_proj(feature_dim) else nn.Identity()
         self.positional = make_positional(arch.positional, grid, D)
         self.n_tokens = grid[0] * grid[1]
         self.routing = query_mode == "voxels" and arch.voxel_variant == "routing"
         if query_set is not None:
-            self.query_names = list(query_set.names)
-            n_q = query_set.n_queries
+            K = arch.queries_per_group
+            self.query_names = ([f"{n}#{k}" for n in query_set.names for k in range(K)] if K > 1
+                                else list(query_set.names))
+            n_q = query_set.n_queries * K
         else:
             self.query_names = None
             n_q = n_voxels
@@ -339,7 +368,7 @@ class RoutingEncoderModel(nn.Module):
                 for _ in range(arch.n_layers))
             self.final_norm = nn.LayerNorm(D) if arch.final_norm else nn.Identity()
             if query_set is not None:
-                self.readout = GroupedReadout(query_set, D)
+                self.readout = GroupedReadout(query_set, D * arch.queries_per_group)
             else:
                 bound = 1.0 / math.sqrt(D)
                 self.voxel_weight = nn.Parameter(torch.empty(n_q, D).uniform_(-bound, bound))
@@ -355,12 +384,37 @@ class RoutingEncoderModel(nn.Module):
                     nn.init.xavier_uniform_(p)
 
     # ---- pieces -------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_token_stats(self, mean, scale) -> None:
+        """Set the per-channel token statistics (``token_norm=True`` only).
+
+        Parameters
+        ----------
+        mean, scale : array-like [feature_dim]
+            ``scale`` must be finite and > 0.
+        """
+        if not self.token_norm:
+            raise ConfigError("set_token_stats needs a model built with token_norm=True")
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+        if mean.numel() != self.feature_dim or scale.numel() != self.feature_dim:
+            raise ConfigError(f"token statistics must have {self.feature_dim} entries; got {mean.numel()}, {scale.numel()}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ConfigError("token statistics must be finite with scale > 0")
+        self.token_mean.copy_(mean)
+        self.token_scale.copy_(scale)
+
     def memory(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Projected tokens F [B, N, D] and positional code P [N, D] (or None)."""
         if tokens.dim() != 3 or tokens.shape[1] != self.n_tokens or tokens.shape[2] != self.feature_dim:
             raise ConfigError(f"tokens must have shape [B, {self.n_tokens}, {self.feature_dim}]; "
                               f"got {tuple(tokens.shape)}")
-        return self.input_proj(tokens), self.positional()
+        if self.token_norm:
+            tokens = (tokens - self.token_mean.to(tokens.dtype)) / self.token_scale.to(tokens.dtype)
+        pos = self.positional()
+        if pos is not None and self.arch.positional_scale != 1.0:
+            pos = pos * self.arch.positional_scale
+        return self.input_proj(tokens), pos
 
     def _decode(self, query_pos, kvs, B, need_weights=False):
         tgt = torch.zeros(B, query_pos.shape[0], query_pos.shape[1], dtype=kvs[0][0].dtype, device=query_pos.device)
@@ -391,7 +445,10 @@ class RoutingEncoderModel(nn.Module):
         return self._decode(self.query_embed, kvs, tokens.shape[0], need_weights)
 
     def forward_head(self, z: torch.Tensor) -> torch.Tensor:
-        """Grouped readout: z [B, Q, D] -> y [B, V]."""
+        """Grouped readout: z [B, Q·K, D] -> y [B, V] (a group's K tokens are read as one [K·D] vector)."""
+        K = self.arch.queries_per_group
+        if K > 1:
+            z = z.reshape(z.shape[0], z.shape[1] // K, K * z.shape[2])
         return self.readout(z)
 
     def _full_voxel_chunk(self, qpos, w, c, *kv_flat):

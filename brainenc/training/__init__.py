@@ -14,6 +14,7 @@ from brainenc.training.data import (
     DictDataset,
     GlobalBatchSampler,
     RowSubset,
+    channel_statistics,
     make_dict_loader,
     make_loader,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ArrayDataset",
     "DictDataset",
     "RowSubset",
+    "channel_statistics",
     "GlobalBatchSampler",
     "make_loader",
     "make_dict_loader",

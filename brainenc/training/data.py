@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from brainenc.exceptions import DataFormatError
 
 __all__ = ["ArrayDataset", "DictDataset", "RowSubset", "GlobalBatchSampler", "make_loader", "make_dict_loader",
-           "INDEX_KEY"]
+           "channel_statistics", "INDEX_KEY"]
 
 #: Key of the dataset row indices [b] (int64) that :class:`DictDataset` adds to every batch.
 INDEX_KEY = "index"
@@ -32,6 +32,42 @@ def _sorted_read(array, idx: np.ndarray, dtype=None) -> np.ndarray:
     inv = np.empty_like(order)
     inv[order] = np.arange(order.size)
     return np.asarray(array[idx[order]], dtype=dtype)[inv]
+
+
+def channel_statistics(array, *, chunk_rows: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation over every axis but the last, streamed by rows.
+
+    Reads ``chunk_rows`` rows at a time (a float16 memmap of NSD-scale tokens is never loaded
+    whole) and accumulates shifted sums in float64, so the result does not depend on the chunking
+    beyond rounding.
+
+    Parameters
+    ----------
+    array : array [n, ..., C] (a :class:`RowSubset` or memmap welcome)
+    chunk_rows : int
+
+    Returns
+    -------
+    mean, std : float64 ndarray [C]
+        Population standard deviation (``ddof=0``).
+    """
+    n = len(array)
+    if n == 0:
+        raise DataFormatError("channel statistics need at least one row")
+    shift = None
+    count, s1, s2 = 0, 0.0, 0.0
+    for start in range(0, n, chunk_rows):
+        x = np.asarray(array[start:start + chunk_rows], dtype=np.float64)
+        x = x.reshape(-1, x.shape[-1])
+        if shift is None:
+            shift = x.mean(0)  # shifted sums: no cancellation for channels with a large mean
+        x = x - shift
+        count += x.shape[0]
+        s1 = s1 + x.sum(0)
+        s2 = s2 + np.einsum("ij,ij->j", x, x)
+    m = s1 / count
+    var = np.maximum(s2 / count - m * m, 0.0)
+    return shift + m, np.sqrt(var)
 
 
 class RowSubset:
@@ -114,7 +150,7 @@ class DictDataset(Dataset):
 
     Notes
     -----
-    Every batch also carries ``"index"`` (:data:`INDEX_KEY`): int64 [b], the dataset rows of the
+    Every batch also carries ``"index"`` (``INDEX_KEY``): int64 [b], the dataset rows of the
     batch, so objectives can derive per-sample randomness (masks) from the row alone — independent
     of batch composition, world size and resume.
     """

@@ -10,7 +10,7 @@ from PIL import Image
 from sklearn.base import clone
 
 import brainenc
-from brainenc.encoding.routing import RoutingEncoder
+from brainenc.encoding.routing import PRESETS, RoutingEncoder
 from brainenc.estimator import CONFIG_FILE, WEIGHTS_FILE
 from brainenc.exceptions import ConfigError, DataFormatError, NotFittedError
 from brainenc.models import RoutingArchitecture
@@ -75,9 +75,15 @@ def test_saved_config_is_the_nested_parameter_tables(tmp_path):
     enc = _rois(X, Y, labels, names, hemi, families=["faces"], train={**TRAIN, "epochs": 1})
     meta = json.loads(enc.save_pretrained(tmp_path / "m").joinpath(CONFIG_FILE).read_text())
     assert meta["class"] == "routing"
+    # the tables are written whole: the preset's fields under the given ones over the dataclass defaults
+    # (a saved model does not depend on what a preset holds in a later version)
+    arch, train = PRESETS["compact"]
     assert meta["config"] == {"queries": "rois", "combine": "sum", "families": ["faces"], "unknown": True,
-                              "model": ARCH, "train": {**TRAIN, "epochs": 1}, "val_fraction": 0.1, "val_seed": 0,
-                              "scoring": "r2"}
+                              "preset": "compact", "standardize_tokens": True,
+                              "model": {**vars(RoutingArchitecture()), **arch, **ARCH},
+                              "train": {**vars(TrainConfig()), **train, **TRAIN, "epochs": 1, "betas": [0.9, 0.999]},
+                              "val_fraction": 0.1, "val_seed": 0, "scoring": "r2"}
+    assert meta["config"] == enc.to_config()
     assert meta["fitted"]["grid"] == [4, 4] and meta["fitted"]["n_features"] == F
     assert meta["fitted"]["query_set"]["names"] == ["lh_FFA-1", "lh_OFA", "lh_unknown", "rh_FFA-1", "rh_OFA",
                                                     "rh_unknown"]
@@ -89,7 +95,8 @@ def test_dataclass_params_fit_and_save_like_their_tables(tmp_path):
     enc = RoutingEncoder(model=arch, train=train, queries="hemis").fit(X, Y, hemi=hemi)
     assert enc.model is arch and enc.train is train and arch == RoutingArchitecture(**ARCH)  # untouched
     assert enc.model_.arch is not arch  # the fitted model keeps its own copy
-    ref = RoutingEncoder(**TINY, queries="hemis").fit(X, Y, hemi=hemi)
+    # a dataclass is used whole (the preset does not apply), the same as its field table on 'paper'
+    ref = RoutingEncoder(**TINY, queries="hemis", preset="paper").fit(X, Y, hemi=hemi)
     np.testing.assert_array_equal(enc.predict(X), ref.predict(X))
     back = brainenc.load(enc.save_pretrained(tmp_path / "m"))
     # every field of a dataclass parameter is saved (tuples as lists)
@@ -103,7 +110,9 @@ def test_load_overrides_update_the_nested_tables(tmp_path):
     enc = RoutingEncoder(**TINY, queries="voxels").fit(X, Y)
     out = enc.save_pretrained(tmp_path / "m")
     back = brainenc.load(out, train={"eval_batch_size": 3}, model={"routing_backend": "reference"})
-    assert back.train == {**TRAIN, "eval_batch_size": 3} and back.model == {**ARCH, "routing_backend": "reference"}
+    saved = enc.to_config()
+    assert back.train == {**saved["train"], "eval_batch_size": 3}
+    assert back.model == {**saved["model"], "routing_backend": "reference"}
     assert back.model_.arch.routing_backend == "reference"
     np.testing.assert_allclose(back.predict(X), enc.predict(X), rtol=1e-5, atol=1e-6)  # another backend
     with pytest.raises(DataFormatError, match=f"{WEIGHTS_FILE}: weights do not fit the architecture"):
@@ -205,3 +214,83 @@ def test_upsample_crop_and_top_images(tmp_path):
     images = np.zeros((3, 8, 8, 3), np.uint8)
     p = plot_top_images(images, resp, names, tmp_path / "top.png", k=2)
     assert p.is_file() and Image.open(p).text["Description"] == "A, B"
+
+
+# ---- token standardisation, presets, several queries per ROI (issue 17) --------------------------
+def test_token_statistics_are_fitted_on_the_training_rows_and_applied_at_predict(tmp_path):
+    X, Y, labels, names, hemi = _data()
+    rng = np.random.default_rng(3)
+    a, b = rng.uniform(0.1, 50, F).astype(np.float32), rng.normal(0, 100, F).astype(np.float32)
+    Xs = X * a + b  # channels on very different scales, as backbone activations
+    enc = RoutingEncoder(**TINY, queries="hemis").fit(Xs, Y, hemi=hemi)
+    tr = Xs[enc.train_index_].reshape(-1, F).astype(np.float64)
+    np.testing.assert_allclose(enc.token_mean_, tr.mean(0), rtol=1e-6, atol=1e-6 * np.abs(tr).max())
+    np.testing.assert_allclose(enc.token_scale_, tr.std(0), rtol=1e-5)
+    # the same as the unstandardised encoder on tokens standardised by hand (same seed, same data order)
+    Xz = ((Xs - enc.token_mean_) / enc.token_scale_).astype(np.float32)
+    ref = RoutingEncoder(**TINY, queries="hemis", standardize_tokens=False).fit(Xz, Y, hemi=hemi)
+    pred = enc.predict(Xs)
+    scale = np.abs(pred).max()
+    np.testing.assert_allclose(pred, ref.predict(Xz), rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(enc.attention_maps(Xs[:4]), ref.attention_maps(Xz[:4]), rtol=1e-4, atol=1e-5)
+    assert ref.token_mean_ is None and ref.token_scale_ is None
+    # ... and saved with the model
+    back = brainenc.load(enc.save_pretrained(tmp_path / "m"))
+    np.testing.assert_array_equal(back.token_mean_, enc.token_mean_)
+    np.testing.assert_array_equal(back.predict(Xs), pred)
+
+
+def test_a_constant_token_channel_keeps_unit_scale():
+    X, Y, labels, names, hemi = _data()
+    X[:, :, 3] = 7.0
+    enc = RoutingEncoder(**TINY, queries="hemis").fit(X, Y, hemi=hemi)
+    assert enc.token_scale_[3] == 1.0 and enc.token_mean_[3] == pytest.approx(7.0)
+    assert np.isfinite(enc.predict(X)).all()
+
+
+def test_models_saved_before_presets_and_standardisation_load_as_they_were(tmp_path):
+    # a config written before 'preset' / 'standardize_tokens' existed: the paper's tables, raw tokens
+    X, Y, labels, names, hemi = _data()
+    enc = RoutingEncoder(model=ARCH, train=TRAIN, queries="hemis", preset="paper",
+                         standardize_tokens=False).fit(X, Y, hemi=hemi)
+    out = enc.save_pretrained(tmp_path / "old")
+    meta = json.loads((out / CONFIG_FILE).read_text())
+    for key in ("preset", "standardize_tokens"):
+        del meta["config"][key]
+    meta["config"]["model"], meta["config"]["train"] = ARCH, TRAIN  # old files held the given tables
+    del meta["fitted"]["token_norm"]
+    (out / CONFIG_FILE).write_text(json.dumps(meta))
+    back = brainenc.load(out)
+    assert back.preset == "paper" and back.standardize_tokens is False
+    assert back.to_config() == enc.to_config()
+    np.testing.assert_array_equal(back.predict(X), enc.predict(X))
+
+
+def test_presets_fill_the_tables_and_given_fields_override_them():
+    compact = RoutingEncoder().to_config()
+    assert compact["preset"] == "compact" and compact["standardize_tokens"] is True
+    assert {k: compact["model"][k] for k in PRESETS["compact"][0]} == PRESETS["compact"][0]
+    assert {k: compact["train"][k] for k in PRESETS["compact"][1]} == PRESETS["compact"][1]
+    paper = RoutingEncoder(preset="paper").to_config()
+    assert paper["model"] == {**vars(RoutingArchitecture()), "input_proj": None}
+    assert paper["train"]["lr"] == 5e-4 and paper["model"]["d_model"] == 768
+    mixed = RoutingEncoder(model={"d_model": 32, "n_heads": 4}, train={"epochs": 2}).to_config()
+    assert mixed["model"]["d_model"] == 32 and mixed["model"]["d_ffn"] == PRESETS["compact"][0]["d_ffn"]
+    assert mixed["train"]["epochs"] == 2 and mixed["train"]["lr"] == PRESETS["compact"][1]["lr"]
+    assert RoutingEncoder.from_config(mixed).to_config() == mixed
+    with pytest.raises(ConfigError, match="'fit.r.preset' must be one of .*Did you mean 'paper'"):
+        RoutingEncoder.from_config({"preset": "papr"}, prefix="fit.r.")
+    with pytest.raises(ConfigError, match="'standardize_tokens' must be true or false"):
+        RoutingEncoder(standardize_tokens="yes").to_config()
+
+
+def test_several_queries_per_roi_fit_save_and_name_their_maps(tmp_path):
+    X, Y, labels, names, hemi = _data()
+    enc = _rois(X, Y, labels, names, hemi, families=["faces"], model={**ARCH, "queries_per_group": 2})
+    assert enc.query_names_[:4] == ["lh_FFA-1#0", "lh_FFA-1#1", "lh_OFA#0", "lh_OFA#1"]
+    maps = enc.attention_maps(X[:3], queries=["lh_OFA#1"])
+    assert maps.shape == (3, 1, 4, 4)
+    np.testing.assert_allclose(maps.sum((-1, -2)), 1.0, rtol=1e-5)
+    back = brainenc.load(enc.save_pretrained(tmp_path / "m"))
+    assert back.query_names_ == enc.query_names_
+    np.testing.assert_array_equal(back.predict(X), enc.predict(X))

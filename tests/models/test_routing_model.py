@@ -314,3 +314,80 @@ def test_value_proj_off_input_proj_and_registry():
         RoutingEncoderModel(RoutingArchitecture(query_self_attn=True), feature_dim=8, grid=(2, 2), n_voxels=4)
     with pytest.raises(ConfigError, match="tokens must have shape"):
         model(torch.randn(2, N + 1, F))
+
+
+# ---- several queries per group (issue 17) -------------------------------------------------------
+def test_queries_per_group_reads_the_concatenated_group_tokens():
+    model, qs = _model("rois", queries_per_group=3)
+    K, Q, D = 3, qs.n_queries, 16
+    assert model.n_queries == Q * K and model.query_embed.shape == (Q * K, D)
+    assert model.query_names[:3] == [f"{qs.names[0]}#{k}" for k in range(K)]
+    assert model.readout.weight.shape == (V, K * D)
+    x = torch.randn(2, N, F)
+    z, attns = model.forward_features(x, need_weights=True)
+    assert z.shape == (2, Q * K, D) and attns[0].shape == (2, 4, Q * K, N)
+    # voxel v reads [z_{r,0}, ..., z_{r,K-1}] of each of its groups r with one K·D vector w_v
+    zcat = z.reshape(2, Q, K * D)
+    ref = dense_readout_reference(zcat, torch.as_tensor(qs.dense()), model.readout.weight, model.readout.bias,
+                                  torch.as_tensor(qs.bias_scale))
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
+    # the K queries of a group are distinct parameters: their attention maps differ
+    a = model.attention_maps(x)
+    assert not torch.allclose(a[:, :, 0], a[:, :, 1])
+
+
+def test_queries_per_group_gradient_stays_in_the_voxels_groups():
+    model, qs = _model("rois", queries_per_group=2)
+    x = torch.randn(2, N, F)
+    M = qs.dense() > 0
+    v = 5
+    model(x)[:, v].sum().backward()
+    g = model.query_embed.grad.abs().sum(1).reshape(qs.n_queries, 2)  # [Q, K]
+    assert (g[torch.as_tensor(~M[:, v])] == 0).all() and (g[torch.as_tensor(M[:, v])] > 0).all()
+
+
+def test_queries_per_group_is_rejected_for_voxel_queries_and_validated():
+    with pytest.raises(ConfigError, match="queries_per_group=2 needs grouped queries"):
+        _model("voxels", queries_per_group=2)
+    with pytest.raises(ConfigError, match="'queries_per_group' must be an integer >= 1"):
+        RoutingArchitecture(queries_per_group=0).check()
+
+
+# ---- token standardisation buffers (issue 17) ---------------------------------------------------
+def test_token_norm_standardises_before_the_input_projection():
+    labels, names, hemi = _labels()
+    qs = build_query_set("rois", V, roi_labels=labels, roi_names=names, hemi=hemi)
+    arch = RoutingArchitecture(d_model=16, n_heads=4, d_ffn=32, dropout=0.0)
+    torch.manual_seed(0)
+    normed = RoutingEncoderModel(arch, feature_dim=F, grid=GRID, n_voxels=V, query_set=qs, token_norm=True)
+    torch.manual_seed(0)
+    plain = RoutingEncoderModel(arch, feature_dim=F, grid=GRID, n_voxels=V, query_set=qs)
+    mean, scale = torch.randn(F) * 5, torch.rand(F) * 10 + 0.1
+    normed.set_token_stats(mean, scale)
+    x = torch.randn(3, N, F)
+    torch.testing.assert_close(normed(x), plain((x - mean) / scale), rtol=1e-5, atol=1e-6)
+    # the statistics are buffers: saved and restored with the weights, not trained
+    sd = normed.state_dict()
+    assert {"token_mean", "token_scale"} <= set(sd) and "token_mean" not in dict(normed.named_parameters())
+    torch.testing.assert_close(sd["token_scale"], scale)
+    with pytest.raises(ConfigError, match="scale > 0"):
+        normed.set_token_stats(mean, torch.zeros(F))
+    with pytest.raises(ConfigError, match=f"must have {F} entries"):
+        normed.set_token_stats(mean[:3], scale[:3])
+    with pytest.raises(ConfigError, match="token_norm=True"):
+        plain.set_token_stats(mean, scale)
+
+
+def test_positional_scale_multiplies_the_key_code_only():
+    base, _ = _model("rois")
+    scaled, _ = _model("rois", positional_scale=3.0)  # same seed: same weights
+    x = torch.randn(2, N, F)
+    (f1, p1), (f3, p3) = base.memory(x), scaled.memory(x)
+    torch.testing.assert_close(f3, f1)
+    torch.testing.assert_close(p3, 3.0 * p1)
+    assert not torch.allclose(scaled(x), base(x))  # the code reaches the attention
+    none, _ = _model("rois", positional="none", positional_scale=5.0)
+    assert none.memory(x)[1] is None
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ConfigError, match="'positional_scale' must be a finite number > 0"):
+            RoutingArchitecture(positional_scale=bad).check()

@@ -212,3 +212,24 @@ def test_row_subset_reads_memmap_rows_lazily(tmp_path):
     np.testing.assert_array_equal(sub[np.array([2, 0])], arr[[5, 7]])
     x, = ArrayDataset(sub).__getitems__([1, 2, 0])
     np.testing.assert_array_equal(x.numpy(), arr[[2, 5, 7]])
+
+
+# ---- streamed channel statistics (token standardisation) ----------------------------------------
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+def test_channel_statistics_match_numpy_for_any_chunking(chunk_rows, tmp_path):
+    from brainenc.training import RowSubset, channel_statistics
+
+    rng = np.random.default_rng(0)
+    # channels with a large mean relative to their spread: a naive sum of squares would cancel
+    x = (rng.standard_normal((53, 6, 4)) * np.array([1e-3, 1.0, 30.0, 2.0]) + np.array([1e3, -5.0, 0.0, 7.0]))
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float16, shape=x.shape)
+    mm[:] = x
+    for arr, ref in ((x, x), (mm, np.asarray(mm, dtype=np.float64))):
+        mean, std = channel_statistics(arr, chunk_rows=chunk_rows)
+        flat = ref.reshape(-1, 4)
+        np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-12, atol=1e-12 * np.abs(flat).max())
+        np.testing.assert_allclose(std, flat.std(0), rtol=1e-9, atol=1e-12 * np.abs(flat).max())
+    rows = np.array([50, 3, 17, 4])
+    mean, std = channel_statistics(RowSubset(x, rows), chunk_rows=chunk_rows)
+    np.testing.assert_allclose(mean, x[rows].reshape(-1, 4).mean(0), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(std, x[rows].reshape(-1, 4).std(0), rtol=1e-9, atol=1e-9)
