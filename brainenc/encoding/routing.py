@@ -109,9 +109,9 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         Named configuration that ``model`` and ``train`` start from (:data:`PRESETS`). ``compact``
         (default): d 128, 8 heads, FFN 256, dropout 0.1, final LayerNorm, positional code x10;
         AdamW 1e-3, clip 1.0, batch 32, 30 epochs at a constant learning rate: a good model of a
-        few thousand images in minutes on a CPU. ``paper``: the published configuration (d 768, 16 heads, FFN 1024,
-        dropout 0.1, final LayerNorm; AdamW 5e-4, clip 0.1, batch 16, 15 epochs), for NSD-scale
-        runs on a GPU.
+        few thousand images in minutes on a CPU. ``paper``: the published configuration (d 768,
+        16 heads, FFN 1024, dropout 0.1, final LayerNorm; AdamW 5e-4, clip 0.1, batch 16,
+        15 epochs), for NSD-scale runs on a GPU.
     model : RoutingArchitecture or mapping, optional
         Architecture (``d_model``, ``n_heads``, ``d_ffn``, ``n_layers``, ``dropout``, ``positional``,
         ``query_self_attn``, ``value_proj``, ``input_proj``, ``final_norm``, ``queries_per_group``,
@@ -419,7 +419,7 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
 
     @property
     def query_names_(self) -> list[str]:
-        """Query names [Q] (voxel queries: ``"voxel-<i>"``)."""
+        """Query names [Q·K] (``"<roi>#<k>"`` with ``queries_per_group`` K > 1; voxel queries: ``"voxel-<i>"``)."""
         self._check_fitted()
         if self.model_.query_names is not None:
             return list(self.model_.query_names)
@@ -429,14 +429,13 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     def _config_json(self) -> dict[str, Any]:
         # model/train are written whole (preset applied): a saved model does not depend on what a
         # preset holds in a later version
+        arch, train = self._check_params()
         out = {}
         for key, value in self.get_params(deep=False).items():
-            j = to_json_value(to_dict(value))
+            j = to_json_value(to_dict({"model": arch, "train": train}.get(key, value)))
             if not _is_json(j):
                 raise ConfigError(f"'{key}' has no JSON form ({type(value).__name__}); use plain values")
             out[key] = j
-        arch, train = self._check_params()
-        out["model"], out["train"] = to_json_value(to_dict(arch)), to_json_value(to_dict(train))
         return out
 
     def _fitted_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -448,7 +447,7 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         arrays["train_index"] = np.asarray(self.train_index_, dtype=np.int64)
         if self.val_index_ is not None:
             arrays["val_index"] = np.asarray(self.val_index_, dtype=np.int64)
-        meta = {"grid": list(self.grid_), "token_norm": bool(self.model_.token_norm), "n_voxels": int(self.n_voxels_), "n_features": int(self.n_features_),
+        meta = {"grid": list(self.grid_), "n_voxels": int(self.n_voxels_), "n_features": int(self.n_features_),
                 "n_tokens": int(self.n_tokens_), "best_epoch": int(self.best_epoch_), "history": to_json_value(self.history_),
                 "query_set": None if self.query_set_ is None else self.query_set_.meta()}
         return arrays, meta
@@ -466,7 +465,7 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         with torch.random.fork_rng(devices=[]):  # building the modules draws init values; leave the user's RNG alone
             model = RoutingEncoderModel(self._arch(), feature_dim=int(meta["n_features"]), grid=grid,
                                         n_voxels=int(meta["n_voxels"]), query_set=qs,
-                                        token_norm=bool(meta.get("token_norm", False)))
+                                        token_norm=self.standardize_tokens)
         state = {k[len("model."):]: torch.from_numpy(np.asarray(v)) for k, v in arrays.items() if k.startswith("model.")}
         expected = model.state_dict()
         problems = [f"missing {k!r}" for k in expected if k not in state]

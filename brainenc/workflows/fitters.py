@@ -18,7 +18,9 @@ rows) and must
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -153,11 +155,24 @@ def fit_ridge(ctx, fit, data: FitData) -> dict:
             "extras": {"alpha": ctx.rel(alpha)}}
 
 
+def _checkpoint_dir(ctx, name: str) -> Path:
+    """``train/<name>/<stage key>/`` (created); other keys' folders under ``train/<name>/`` are removed."""
+    root = ctx.run_dir / "train" / name
+    folder = root / ctx.key[:16]
+    if root.is_dir():
+        for old in root.iterdir():  # a stale configuration's checkpoints: resuming them would be wrong
+            if old != folder:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def fit_routing(ctx, fit, data: FitData) -> dict:
     """Train :class:`brainenc.encoding.RoutingEncoder` on the train rows' patch tokens.
 
-    Checkpoints go to ``train/<name>/`` in the run folder, so a killed fit stage resumes from
-    its last epoch on the next run (same stage key). The fitted encoder is saved with
+    Checkpoints go to ``train/<name>/<stage key>/`` in the run folder, so a killed fit stage
+    resumes from its last epoch on the next run with the same stage key; checkpoints of another
+    key (a changed configuration or data) are deleted, never resumed. The fitted encoder is saved with
     ``save_pretrained`` (safetensors + JSON; the folder is replaced atomically) in
     ``models/<name>/``, then its figures are drawn into ``models/<name>/figures/``.
 
@@ -189,8 +204,8 @@ def fit_routing(ctx, fit, data: FitData) -> dict:
     train = data.splits["train"]
     enc = fit.build()
     mdir = ctx.run_dir / "models" / fit.name
-    train_dir = ctx.path("train", fit.name, "x").parent
-    resume = train_dir.is_dir() and any(train_dir.iterdir())
+    train_dir = _checkpoint_dir(ctx, fit.name)
+    resume = any(train_dir.iterdir())
     t0 = time.perf_counter()
     enc.fit(tokens[train], np.asarray(data.responses[train], dtype=np.float32), grid=tuple(data.grid),
             roi_labels=data.roi_labels, roi_names=data.roi_names, hemi=data.hemi, run_dir=train_dir,

@@ -6,18 +6,19 @@ the keys, AdamW 1e-3 / wd 1e-4, clip 1.0, batch 32, 30 epochs, constant learning
 of the training rows) with **one** thing changed back to what the package did (or to an alternative),
 fitted through the public ``RoutingEncoder`` on a pipeline run folder's prepared data and cached tokens.
 Two further rows are the package's configurations as whole recipes (``old default``: the paper's preset on
-raw tokens, as the package shipped before; ``package default``: ``RoutingEncoder()`` today), and the two
-ridge fits of the run folder are read from its evaluate stage for reference.
+raw tokens, as the package shipped before; ``package default``: ``RoutingEncoder()`` today), and the
+models the run folder's pipeline fitted are read from its evaluate stage for reference.
 
-Scores: mean clip(r, 0)^2 / noise ceiling (capped at 1 per voxel, as the quickstart's evaluate) on the test split, per voxel group of the simulator's ground
-truth (``early`` = pRF voxels, ``category``, ``mixed``) and over all voxels; per-ROI means in the JSON.
+Scores: mean clip(r, 0)^2 / noise ceiling (capped at 1 per voxel, as the quickstart's evaluate) on the
+test split, per voxel group of the simulator's ground truth (``early`` = pRF voxels, ``category``, ``mixed``) and over all voxels; per-ROI means in the JSON.
 
 Usage::
 
     brainenc run quickstart                                  # a run folder with prepare + features
     python kernels/bench/routing_ablation.py <data root>/runs/quickstart/subj01 --seeds 0 1 \\
         --out kernels/results/routing_ablation_quickstart.json
-    python kernels/bench/routing_ablation.py RUN --only "package default" "old default" --isolate  # peak memory
+    python kernels/bench/routing_ablation.py RUN --seeds 0 --isolate \
+        --only "package default" "old default (paper preset, raw tokens)"       # time and peak memory
 
 ``--isolate`` runs each variant in a fresh process so that ``peak_rss_mb`` (the process's peak resident
 memory) belongs to that variant alone; without it the value is the running maximum of one process.
@@ -25,6 +26,7 @@ memory) belongs to that variant alone; without it the value is the running maxim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -50,9 +52,12 @@ from brainenc.workflows import read_stage_record
 
 FAMILIES = ["prf-visualrois", "floc-faces", "floc-bodies", "floc-places", "floc-words"]
 REFERENCE = {
-    "est": {"standardize_tokens": True, "val_fraction": 0.1, "queries": "rois", "families": FAMILIES},
+    # every field given (over the "paper" preset = the dataclass defaults), so a change of the default
+    # preset does not change the reference
+    "est": {"preset": "paper", "standardize_tokens": True, "val_fraction": 0.1, "queries": "rois",
+            "families": FAMILIES},
     "model": {"d_model": 128, "n_heads": 8, "d_ffn": 256, "n_layers": 1, "dropout": 0.0, "final_norm": False,
-              "positional": "sine", "value_proj": True, "queries_per_group": 1},
+              "positional": "sine", "positional_scale": 1.0, "value_proj": True, "queries_per_group": 1},
     "train": {"epochs": 30, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "grad_clip": 1.0,
               "schedule": "constant", "device": "cpu"},
 }
@@ -173,7 +178,7 @@ def run_variant(ds, tok, groups, name, seed):
     enc = RoutingEncoder(**est, model=model or None, train=train)
     tr, te = ds.splits["train"], ds.splits["test"]
     patch = (mock.patch.object(brainenc.models, "RoutingEncoderModel", _patched_model(v["hook"]))
-             if v["hook"] else mock.patch.dict(os.environ, {}))
+             if v["hook"] else contextlib.nullcontext())
     t0 = time.perf_counter()
     with patch:
         enc.fit(tok[tr], np.asarray(ds.responses, dtype=np.float32)[tr], roi_labels=ds.roi_labels,

@@ -258,7 +258,6 @@ def test_models_saved_before_presets_and_standardisation_load_as_they_were(tmp_p
     for key in ("preset", "standardize_tokens"):
         del meta["config"][key]
     meta["config"]["model"], meta["config"]["train"] = ARCH, TRAIN  # old files held the given tables
-    del meta["fitted"]["token_norm"]
     (out / CONFIG_FILE).write_text(json.dumps(meta))
     back = brainenc.load(out)
     assert back.preset == "paper" and back.standardize_tokens is False

@@ -210,7 +210,7 @@ KILLS = [
     ("run", "fit.ridge:write:alpha.npy:1", f"{RUN_DIR}/models/ridge/.alpha.npy.*.tmp.npy"),
     # routing training: after epoch 1's checkpoint; inside epoch 2's checkpoint; after training
     ("run", "fit.routing:checkpoint:1", None),
-    ("run", "fit.routing:write:optimizer.safetensors:1", f"{RUN_DIR}/train/routing/checkpoints/.tmp-epoch-0002-*"),
+    ("run", "fit.routing:write:optimizer.safetensors:1", f"{RUN_DIR}/train/routing/*/checkpoints/.tmp-epoch-0002-*"),
     ("run", "fit.routing:write:config.json:1", f"{RUN_DIR}/models/.tmp-routing-*/.config.json.*.tmp.json"),
     ("run", "evaluate:write:summary.json:1", f"{RUN_DIR}/scores/.summary.json.*.tmp.json"),
     ("run", "report:write:roi_bars.png:1", f"{RUN_DIR}/report/figures/.roi_bars.png.*.tmp.png"),
