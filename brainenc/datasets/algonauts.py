@@ -1,4 +1,4 @@
-"""Reader of the Algonauts 2023 challenge layout (nsd_format.md §4) into a :class:`PreparedDataset`.
+"""Reader of the Algonauts 2023 challenge layout (nsd_format.md §4) into a :class:`~brainenc.datasets.prepare.PreparedDataset`.
 
 Layout under ``root``::
 
@@ -11,7 +11,7 @@ Layout under ``root``::
     subjXX/roi_masks/{lh,rh}.FAM_challenge_space.npy                int (V_hemi,)
 
 **ROI names.** The release's ``mapping_FAM.npy`` files are pickled dicts; brainenc never unpickles
-(``allow_pickle=False`` everywhere), so names come from :data:`brainenc.datasets.layout.LABEL_TABLES`,
+(``allow_pickle=False`` everywhere), so names come from ``brainenc.datasets.layout.LABEL_TABLES``,
 which follow the same ctab tables the challenge's mappings were built from.
 
 Rows are ordered as in the files (ascending 73k id); columns are lh vertices then rh vertices of the

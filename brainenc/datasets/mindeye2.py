@@ -1,4 +1,4 @@
-"""Reader of the MindEye2 Hugging Face layout (nsd_format.md §5) into a :class:`PreparedDataset`.
+"""Reader of the MindEye2 Hugging Face layout (nsd_format.md §5) into a :class:`~brainenc.datasets.prepare.PreparedDataset`.
 
 Files under ``root``:
 

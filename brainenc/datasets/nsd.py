@@ -133,13 +133,13 @@ def _check_shared(path: Path, subjectim: np.ndarray, sharedix: np.ndarray) -> No
 def load_expdesign(path: str | Path) -> Expdesign:
     """Read ``nsd_expdesign.mat`` (a path to the file, or an NSD root).
 
-    The file's structure is checked in pure Python first (:func:`brainenc.datasets._mat5.check_mat5`):
+    The file's structure is checked in pure Python first (``brainenc.datasets._mat5.check_mat5``):
     scipy's compiled reader can crash the interpreter on some corrupt files.
 
     Parameters
     ----------
     path : str or Path
-        The ``.mat`` file, or an NSD root (then :func:`layout.expdesign_path` is used).
+        The ``.mat`` file, or an NSD root (then :func:`~brainenc.datasets.layout.expdesign_path` is used).
 
     Returns
     -------

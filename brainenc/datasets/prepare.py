@@ -6,7 +6,7 @@ choice in :class:`PrepareConfig` and of the identity (path, size, mtime) of ever
 returns a :class:`PreparedDataset` whose ``responses`` are memory-mapped. A second call with the same
 choices and unchanged files is a cache hit.
 
-Crash safety: the cache is a :class:`brainenc._utils.store.KeyedFolderStore` (see there)::
+Crash safety: the cache is a ``brainenc._utils.store.KeyedFolderStore`` (see there)::
 
     <cache_root>/
         <name>/                              a complete prepared dataset (``COMPLETE`` marker in it)
@@ -118,7 +118,7 @@ class PrepareConfig:
     chunk_trials: int = 50
 
     def check(self) -> "PrepareConfig":
-        """Validate every field (raises :class:`ConfigError` naming the field)."""
+        """Validate every field (raises :class:`~brainenc.exceptions.ConfigError` naming the field)."""
         self.subject = check_option("subject", check_subject(self.subject), layout.SUBJECTS)
         check_option("space", self.space, layout.SPACES)
         check_option("beta_version", self.beta_version, layout.BETA_VERSIONS)

@@ -15,7 +15,7 @@
   int16 (X, Y, Z, 750) = round(PSC * 300), zeros outside the brain mask, 1.8 mm voxels, TR 4/3 s
   (optionally also the ``.hdf5`` variant, h5py shape (750, Z, Y, X)), and ``ncsnr.nii.gz`` (§1.8)
   computed from those int16 files;
-- ``brainenc_simulated.json`` (the simulated design's manifest, read by :func:`layout.n_sessions`)
+- ``brainenc_simulated.json`` (the simulated design's manifest, read by :func:`~brainenc.datasets.layout.n_sessions`)
   and ``brainenc_ground_truth_subjXX.h5`` (true tuning, clean responses, ROI membership, SNR).
 
 The design keeps NSD's shape: all 30000 trials of ``masterordering`` are filled (each 10k slot 3x),
@@ -167,7 +167,7 @@ class SimulationConfig:
         self.check()
 
     def check(self) -> None:
-        """Validate values; raises :class:`ConfigError` naming the field."""
+        """Validate values; raises :class:`~brainenc.exceptions.ConfigError` naming the field."""
         self.subject = check_subject(self.subject)
         if self.subject not in layout.SUBJECTS:
             raise ConfigError(f"'subject' must be one of subj01..subj08; {self.subject!r} was provided")

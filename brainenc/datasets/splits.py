@@ -5,7 +5,7 @@ its trials, ``{"train": ..., "test": ...}`` (and ``"val"`` for ``shared515``). T
 dropped. A split is decided per *trial* because the Algonauts rule keeps only the trials of a split's
 sessions; for the other splits every trial of an image shares the image's split.
 
-=============  ============================================================================================
+============== ============================================================================================
 ``shared1000`` test = every trial of a shared1000 image (slot < 1000); train = all other trials.
 ``shared515``  test = shared images seen exactly 3 times by *every* subject within its completed sessions
                (515 in the real design); val = the other shared images; train = non-shared trials.
@@ -13,7 +13,7 @@ sessions; for the other splits every trial of an image shares the image's split.
                3 sessions, excluding shared images except, for subjects 1, 2, 5, 7, those with all 3
                trials there. Trials of the last 3 sessions of images seen earlier are dropped.
 ``nsd37``      sessions 1..37 only; test = shared images seen there; train = the other images there.
-=============  ============================================================================================
+============== ============================================================================================
 """
 from __future__ import annotations
 

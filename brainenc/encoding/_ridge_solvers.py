@@ -504,7 +504,7 @@ def solve_ridge_cv(X, Y, alphas, cv=5, *, fit_intercept: bool = True, scoring: s
         May be a memmap: only ``target_batch_size`` columns are materialised at a time.
     alphas : array of shape (n_alphas,)
     cv : int, splitter or list of (train, test) index pairs
-        See :func:`check_cv_splits`.
+        See ``check_cv_splits``.
     fit_intercept : bool
         Centre X and Y on each fold's training rows (and on all rows for the refit).
     scoring : {"r2", "neg_mse"}

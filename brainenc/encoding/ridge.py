@@ -1,4 +1,4 @@
-"""Voxelwise ridge encoder: a thin scikit-learn shell over :mod:`brainenc.encoding._ridge_solvers`."""
+"""Voxelwise ridge encoder: a thin scikit-learn shell over ``brainenc.encoding._ridge_solvers``."""
 from __future__ import annotations
 
 import numpy as np

@@ -104,9 +104,9 @@ class _StopForward(Exception):
 class Backbone(abc.ABC):
     """A frozen vision model in eval mode with layer selection by hooks.
 
-    Subclasses set :attr:`blocks` (a list of block modules), implement
-    :meth:`_forward_full` (returns the model's own embedding), :meth:`_forward_last`
-    and :meth:`_raw_to_tokens`.
+    Subclasses set ``blocks`` (a list of block modules), implement
+    ``_forward_full`` (returns the model's own embedding), ``_forward_last``
+    and ``_raw_to_tokens``.
 
     Parameters
     ----------

@@ -86,6 +86,7 @@ class ArrayImages:
         return np.ascontiguousarray(self.array[ids])
 
     def identity(self) -> str:
+        """``"array:<name>:<hash>"``: a hash of the array's shape and contents, labelled with ``name``."""
         if self._identity is None:
             h = hashlib.sha256(str(self.array.shape).encode())
             flat = np.ascontiguousarray(self.array).reshape(len(self), -1)
@@ -199,6 +200,11 @@ class HDF5Images:
         return np.ascontiguousarray(block[inverse.reshape(-1)])
 
     def identity(self) -> str:
+        """``"hdf5:<file name>:<key>:<hash>"``: a hash of the dataset shape, the file size and
+        ``n_identity_samples`` evenly spaced images.
+
+        The folder is not part of it, so moving the file keeps feature caches valid.
+        """
         if self._identity is None:
             ds = self._dataset()
             n = ds.shape[0]

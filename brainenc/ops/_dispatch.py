@@ -55,7 +55,7 @@ def resolve_memory_budget(memory_budget: Any = None) -> int:
     ----------
     memory_budget : int, float, str or None
         Bytes (``2**30``) or a string with a K/M/G suffix (``"512M"``). None reads
-        ``BRAINENC_OPS_MEMORY_BUDGET`` and falls back to :data:`DEFAULT_MEMORY_BUDGET` (1 GiB).
+        ``BRAINENC_OPS_MEMORY_BUDGET`` and falls back to ``DEFAULT_MEMORY_BUDGET`` (1 GiB).
     """
     if memory_budget is None:
         env = os.environ.get("BRAINENC_OPS_MEMORY_BUDGET")

@@ -101,7 +101,7 @@ class ReportInputs:
         Extra files to link (relative to the report folder).
     ground_truth_path : Path, optional
         The simulator's ground-truth file; when it exists the report compares against it
-        (:func:`brainenc.report.ground_truth.compare_ground_truth`).
+        (``brainenc.report.ground_truth.compare_ground_truth``).
     model_figures : list of (caption, href)
         Figures a model made itself (e.g. routing attention maps), hrefs relative to the report folder.
     """

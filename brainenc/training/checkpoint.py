@@ -27,7 +27,7 @@ __all__ = ["save_tensors", "load_tensors", "optimizer_to_parts", "optimizer_from
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """Atomic safetensors write (the package's one writer, :func:`brainenc._utils.tensors.save_tensors`)."""
+    """Atomic safetensors write (the package's one writer, ``brainenc._utils.tensors.save_tensors``)."""
     return _save_tensors(path, tensors, metadata)
 
 

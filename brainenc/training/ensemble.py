@@ -86,9 +86,14 @@ class SoftmaxEnsemble:
         groups : sequence of M hashables, optional
             Members averaged before mixing; default each member its own group.
 
-        Attributes set
-        --------------
-        groups_ : list of group keys (mixing order), weights_ : [G, V], val_scores_ : [G, V]
+        Returns
+        -------
+        self : SoftmaxEnsemble
+
+        Notes
+        -----
+        Sets ``groups_`` (the group keys, in mixing order), ``weights_`` ``[G, V]`` and
+        ``val_scores_`` ``[G, V]``.
         """
         preds = list(val_predictions)
         groups = list(range(len(preds))) if groups is None else list(groups)

@@ -51,7 +51,7 @@ class FitKind:
         Name of the estimator class in :data:`brainenc.estimator.ESTIMATORS`; the rest of the
         ``[[fit]]`` table is its configuration, validated by ``Estimator.from_config``.
     fit : callable
-        ``fit(ctx, fit: FitSpec, data: FitData) -> dict`` (see :mod:`brainenc.workflows.fitters`).
+        ``fit(ctx, fit: FitSpec, data: FitData) -> dict`` (see ``brainenc.workflows.fitters``).
     inputs : dict
         Default ``inputs`` of the kind (keys of :class:`FitInputs`).
     defaults : dict
@@ -74,7 +74,7 @@ def register_fit_kind(kind: str, estimator: str, fit_func, *, inputs: dict | Non
     estimator : str
         A registered estimator name (``@register_estimator``); its ``from_config`` validates the table.
     fit_func : callable
-        ``fit_func(ctx, fit, data) -> dict`` (see :mod:`brainenc.workflows.fitters`).
+        ``fit_func(ctx, fit, data) -> dict`` (see ``brainenc.workflows.fitters``).
     inputs, defaults : dict, optional
         See :class:`FitKind`.
     """

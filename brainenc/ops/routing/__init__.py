@@ -148,7 +148,7 @@ def routing_attention(
         Per-voxel bias.
     backend : {"auto", "reference", "sdpa", "chunked", "triton"}
         Implementation. ``"auto"`` picks by device and memory (module docstring); an explicit name
-        is always honoured or rejected with a one-line :class:`ConfigError` naming the constraint.
+        is always honoured or rejected with a one-line :class:`~brainenc.exceptions.ConfigError` naming the constraint.
     chunk_size : int, optional
         Voxels per chunk for ``backend="chunked"`` (default: from ``memory_budget`` and cache size).
     memory_budget : int or str, optional
