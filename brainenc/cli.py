@@ -91,9 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("pipeline", nargs="?", default="pipelines/quickstart.toml",
                    help="pipeline TOML (a path, or a name under pipelines/; default: quickstart)")
-    p.add_argument("--subject", default="subj01", help="subject (default: subj01)")
-    p.add_argument("--out", default=None, help="run folder (default: <data root>/runs/<pipeline>/<subject>)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--subject", default=None, help="subject (default: subj01)")
+    who.add_argument("--subjects", default=None, metavar="LIST",
+                     help="several subjects: subj01,subj02 | subj01-subj04 | all; one run folder each, "
+                          "then a summary table across them")
+    p.add_argument("--out", default=None, help="run folder (default: <data root>/runs/<pipeline>/<subject>); "
+                                               "with --subjects, the folder holding one folder per subject")
     p.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
+    g = p.add_argument_group("several subjects (--subjects)")
+    g.add_argument("--executor", default="local", choices=("local", "slurm", "serial"),
+                   help="local: a process pool sized by cores and memory; slurm: one job per subject through "
+                        "submitit; serial: one after another here (default: local)")
+    g.add_argument("--jobs", type=int, default=None, help="local: subjects at once (default: from [resources])")
+    g.add_argument("--cpus", type=int, default=None, help="cores per subject ([resources] cpus)")
+    g.add_argument("--mem-gb", type=float, default=None, help="memory per subject in GB ([resources] memory_gb)")
+    g.add_argument("--gpus", type=int, default=None, help="slurm: GPUs per job ([resources] gpus)")
+    g.add_argument("--time-min", type=int, default=None, help="slurm: time limit in minutes ([resources] time_min)")
+    g.add_argument("--partition", default=None, help="slurm: partition ([resources] partition)")
+    g.add_argument("--no-wait", action="store_true", help="slurm: return after submitting (rerun to summarise)")
     return parser
 
 
@@ -205,13 +221,40 @@ def cmd_run(args) -> int:
     data_dir, nsd = _roots(args)
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     t0 = time.perf_counter()
-    run_dir = run_pipeline(args.pipeline, subject=args.subject, data_dir=data_dir, nsd_root=nsd,
+    if args.subjects is not None:
+        return _run_many(args, data_dir, nsd, stages, t0)
+    for flag in ("jobs", "cpus", "mem_gb", "gpus", "time_min", "partition"):
+        if getattr(args, flag) is not None:
+            print(f"brainenc run: error: --{flag.replace('_', '-')} applies to --subjects runs", file=sys.stderr)
+            return 2
+    run_dir = run_pipeline(args.pipeline, subject=args.subject or "subj01", data_dir=data_dir, nsd_root=nsd,
                            out=args.out, overrides=args.overrides, stages=stages)
     print(f"done in {time.perf_counter() - t0:.1f} s")
     print(f"  run folder: {run_dir}")
     report = Path(run_dir) / "report" / "index.md"
     if report.exists():
         print(f"  report:     {report}")
+    return 0
+
+
+def _run_many(args, data_dir, nsd, stages, t0) -> int:
+    from brainenc.workflows.multi import run_subjects
+
+    resources = {k: v for k, v in (("cpus", args.cpus), ("memory_gb", args.mem_gb), ("gpus", args.gpus),
+                                   ("time_min", args.time_min), ("partition", args.partition)) if v is not None}
+    result = run_subjects(args.pipeline, args.subjects, executor=args.executor, jobs=args.jobs, data_dir=data_dir,
+                          nsd_root=nsd, out=args.out, overrides=args.overrides, stages=stages,
+                          resources=resources, wait=not args.no_wait)
+    print(f"{result.pipeline}: {len(result.outcomes)} subjects in {time.perf_counter() - t0:.1f} s")
+    for o in result.outcomes:
+        extra = f" (job {o.job_id})" if o.job_id else ""
+        detail = o.error if o.status == "failed" else str(o.run_dir)
+        print(f"  {o.subject}  {o.status:<9} {o.seconds:7.1f} s{extra}  {detail}")
+    if result.summary_dir is not None:
+        print(f"  summary:   {result.summary_dir / 'summary.md'}")
+    if result.failed:
+        print("rerun the same command to resume: finished stages are kept", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,6 +12,9 @@ A spec has these tables (all but ``[pipeline]`` optional)::
                  validated by ``Estimator.from_config``
     [evaluate]   split, metrics, noise-ceiling normalisation options
     [report]     ReportOptions keys
+    [resources]  what one subject's job needs (cpus, memory_gb, gpus, time_min, partition, ...):
+                 sizes the local process pool and the SLURM request of ``brainenc run --subjects``;
+                 it never changes a result, so no stage key includes it
 
 Unknown tables or keys are one-line :class:`~brainenc.exceptions.ConfigError` s naming the key.
 A spec never names a subject: the subject, data root and run folder belong to the run
@@ -30,9 +33,9 @@ from brainenc.registry import Registry
 from brainenc.report import ReportOptions
 
 __all__ = ["PipelineSpec", "EvaluateConfig", "FitSpec", "FitInputs", "FitKind", "FIT_KINDS", "register_fit_kind",
-           "parse_fit", "parse_pipeline", "load_pipeline", "resolve_pipeline_path", "pipelines_dir", "SECTIONS"]
+           "ResourceConfig", "parse_fit", "parse_pipeline", "load_pipeline", "resolve_pipeline_path", "pipelines_dir", "SECTIONS"]
 
-SECTIONS = ("pipeline", "prepare", "simulate", "features", "fit", "evaluate", "report")
+SECTIONS = ("pipeline", "prepare", "simulate", "features", "fit", "evaluate", "report", "resources")
 
 #: fit kinds: name -> :class:`FitKind` (the estimator it fits and the fitter that runs it); see fitters.py
 FIT_KINDS = Registry("fit kind")
@@ -101,6 +104,57 @@ class PipelineMeta:
     def check(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise ConfigError(f"'pipeline.name' must be letters, digits, '_', '-', '.'; {self.name!r} was provided")
+
+
+@dataclasses.dataclass
+class ResourceConfig:
+    """``[resources]``: what one subject's job needs, for ``brainenc run --subjects``.
+
+    The local executor runs ``min(n_subjects, cores // cpus, available memory // memory_gb)``
+    subjects at once (``--jobs`` overrides); the SLURM executor requests these per job. Flags of
+    ``brainenc run`` override the table. Nothing here changes a number, so no stage key includes it.
+
+    Attributes
+    ----------
+    cpus : int
+        CPU cores per subject (threads of its torch / BLAS work).
+    memory_gb : float
+        Peak memory of one subject's run (the quickstart needs ~1.5 GB).
+    gpus : int
+        GPUs per job (SLURM ``--gpus-per-node``; the local executor does not hand out GPUs).
+    time_min : int
+        SLURM time limit in minutes.
+    partition : str
+        SLURM partition ("" = the cluster's default).
+    slurm : dict
+        Further SLURM options passed through submitit's ``slurm_additional_parameters``
+        (``{account = "lab", qos = "normal"}``).
+    """
+
+    cpus: int = 1
+    memory_gb: float = 4.0
+    gpus: int = 0
+    time_min: int = 120
+    partition: str = ""
+    slurm: dict = dataclasses.field(default_factory=dict)
+
+    def check(self) -> "ResourceConfig":
+        import math
+
+        for name in ("cpus", "time_min"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"'resources.{name}' must be an integer >= 1; {v!r} was provided")
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 0:
+            raise ConfigError(f"'resources.gpus' must be an integer >= 0; {self.gpus!r} was provided")
+        if (isinstance(self.memory_gb, bool) or not isinstance(self.memory_gb, (int, float))
+                or not math.isfinite(self.memory_gb) or self.memory_gb <= 0):
+            raise ConfigError(f"'resources.memory_gb' must be a number > 0; {self.memory_gb!r} was provided")
+        if not isinstance(self.partition, str):
+            raise ConfigError(f"'resources.partition' must be a string; {self.partition!r} was provided")
+        if not isinstance(self.slurm, dict) or not all(isinstance(k, str) for k in self.slurm):
+            raise ConfigError(f"'resources.slurm' must be a table of SLURM options; {self.slurm!r} was provided")
+        return self
 
 
 @dataclasses.dataclass
@@ -242,6 +296,8 @@ class PipelineSpec:
         One :class:`FitSpec` per ``[[fit]]`` table.
     evaluate : EvaluateConfig
     report : ReportOptions
+    resources : ResourceConfig
+        What one subject's job needs (``brainenc run --subjects``).
     source : Path or None
         The TOML file the spec came from.
     """
@@ -254,6 +310,7 @@ class PipelineSpec:
     fits: list
     evaluate: EvaluateConfig
     report: ReportOptions
+    resources: ResourceConfig = dataclasses.field(default_factory=ResourceConfig)
     source: Path | None = None
 
     @property
@@ -269,6 +326,7 @@ class PipelineSpec:
             "fit": [f.to_dict() for f in self.fits],
             "evaluate": to_dict(self.evaluate),
             "report": to_dict(self.report),
+            "resources": to_dict(self.resources),
         }
         if self.simulation is not None:
             out["simulate"] = {k: v for k, v in to_dict(self.simulation).items() if k != "subject"}
@@ -364,8 +422,10 @@ def parse_pipeline(data: dict, *, overrides: list[str] | None = None, source: Pa
     fits = [parse_fit(name, f) for name, f in fit_tables.items()]
     evaluate = from_dict(EvaluateConfig, data.get("evaluate", {}), _prefix="evaluate.")
     report = from_dict(ReportOptions, data.get("report", {}), _prefix="report.")
+    resources = from_dict(ResourceConfig, data.get("resources", {}), _prefix="resources.")
     return PipelineSpec(pipeline=meta, prepare=prepare, simulate=simulate, simulation=simulation,
-                        features=features, fits=fits, evaluate=evaluate, report=report, source=source)
+                        features=features, fits=fits, evaluate=evaluate, report=report, resources=resources,
+                        source=source)
 
 
 def pipelines_dir() -> Path:
