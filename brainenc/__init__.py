@@ -19,6 +19,7 @@ _SUBMODULES = {
     "models",
     "training",
     "encoding",
+    "pretraining",
     "metrics",
     "report",
     "workflows",
@@ -27,7 +28,7 @@ _SUBMODULES = {
 }
 
 #: packages whose estimators ``load`` can return (imported on first ``load``)
-_ESTIMATOR_PACKAGES = ("brainenc.encoding",)
+_ESTIMATOR_PACKAGES = ("brainenc.encoding", "brainenc.pretraining")
 
 __all__ = sorted(_SUBMODULES | {"__version__", "load", "set_log_level"})
 

@@ -32,7 +32,38 @@ def _routing_data(rng):
 #: 2 ROIs (+ unknown) over 5 voxels, passed to fit: sizes and labels come from the data
 _ROUTING_FIT = {"roi_labels": {"rois": np.array([1, 1, 2, 0, 2], np.int32)}, "roi_names": {"rois": {1: "A", 2: "B"}}}
 
+def _series_data(rng):
+    X = rng.standard_normal((12, 20, 6)).astype(np.float32)  # 12 series of 20 time points x 6 ROIs
+    return (X,), None
+
+
+def _segment_labels(rng):
+    (X,), _ = _series_data(rng)
+    return (X,), np.arange(12) % 2
+
+
+def _segment_targets(rng):
+    (X,), _ = _series_data(rng)
+    return (X,), X[:, :, 0].mean(1) * 2.0
+
+
+def _brainmae(cls_name, **kw):
+    import brainenc.pretraining.brainmae as bm
+    from brainenc.models.brainmae import TINY_BRAINMAE
+
+    return getattr(bm, cls_name)(tr=2.0, segment_seconds=8.0, model=dict(TINY_BRAINMAE),
+                                 train={"epochs": 2, "batch_size": 4, "device": "cpu"}, **kw)
+
+
+#: per case: ``method`` (what the fitted estimator outputs, default predict) and ``score``
+#: ("voxels": shape [n_outputs], "scalar": sklearn's accuracy / R², None: no score)
 CASES = {
+    "brainmae": dict(make=lambda: _brainmae("BrainMAE", val_fraction=0.0), data=_series_data,
+                     bad={"mask_weight": 1.5}, method="transform", score=None),
+    "brainmae_classifier": dict(make=lambda: _brainmae("BrainMAEClassifier"), data=_segment_labels,
+                                bad={"segment_seconds": -1.0}, score="scalar"),
+    "brainmae_regressor": dict(make=lambda: _brainmae("BrainMAERegressor"), data=_segment_targets,
+                               bad={"segment_seconds": -1.0}, score="scalar"),
     "ridge": dict(make=lambda: brainenc.encoding.RidgeEncoder(alphas=[0.1, 1.0, 10.0], cv=4),
                   data=_ridge_data, bad={"solver": "bogus"}),
     "ridge_standardized": dict(make=lambda: brainenc.encoding.RidgeEncoder(alphas=[1.0, 100.0], cv=None,
@@ -49,6 +80,7 @@ CASES = {
 
 def _load_all():
     import brainenc.encoding  # noqa: F401  (registers the encoding estimators)
+    import brainenc.pretraining.brainmae  # noqa: F401  (and the pretraining ones)
 
     return sorted(ESTIMATORS)
 
@@ -57,6 +89,10 @@ def test_every_estimator_has_a_case():
     covered = {c.get("registered", n) for n, c in CASES.items()}
     missing = [n for n in _load_all() if n not in covered]
     assert not missing, f"registered estimators without a contract case: {missing}"
+
+
+def _out(c, est, args):
+    return np.asarray(getattr(est, c.get("method", "predict"))(*args))
 
 
 def _json_params(est):
@@ -116,8 +152,8 @@ def test_from_config_round_trips_and_validates(case):
     assert json.loads(json.dumps(table)) == table  # plain JSON data
     again = cls.from_config(table)
     assert again.to_config() == table
-    np.testing.assert_array_equal(np.asarray(again.fit(*args, Y, **kw).predict(*args)),
-                                  np.asarray(clone(est).fit(*args, Y, **kw).predict(*args)))
+    np.testing.assert_array_equal(_out(c, again.fit(*args, Y, **kw), args),
+                                  _out(c, clone(est).fit(*args, Y, **kw), args))
     key, value = next(iter(c["bad"].items()))
     with pytest.raises(ConfigError, match=f"'fit.m.{key}'"):  # invalid value: named with the prefix, before fit
         cls.from_config({**table, key: value}, prefix="fit.m.")
@@ -128,7 +164,7 @@ def test_from_config_round_trips_and_validates(case):
 def test_not_fitted(case):
     _, c, args, _, _ = case
     with pytest.raises(NotFittedError):
-        c["make"]().predict(*args)
+        _out(c, c["make"](), args)
     with pytest.raises(NotFittedError):
         c["make"]().save_pretrained("unused")
 
@@ -144,13 +180,15 @@ def test_save_load_round_trip(case, tmp_path):
     assert type(loaded) is type(est)
     # the saved configuration is the estimator's to_config (every default filled in)
     assert loaded.to_config() == est.to_config() == meta["config"]
-    np.testing.assert_array_equal(loaded.predict(*args), est.predict(*args))  # bitwise
-    score = loaded.score(*args, Y)
-    assert score.shape == (Y.shape[1],)
+    np.testing.assert_array_equal(_out(c, loaded, args), _out(c, est, args))  # bitwise
+    if c.get("score", "voxels") == "voxels":
+        assert loaded.score(*args, Y).shape == (Y.shape[1],)
+    elif c["score"] == "scalar":  # sklearn's convention, what cross_val_score needs
+        assert np.ndim(loaded.score(*args, Y)) == 0
     # overwriting keeps exactly one model and no temporaries
     est.save_pretrained(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
-    np.testing.assert_array_equal(type(est).from_pretrained(out).predict(*args), est.predict(*args))
+    np.testing.assert_array_equal(_out(c, type(est).from_pretrained(out), args), _out(c, est, args))
 
 
 def test_load_errors_name_the_file(case, tmp_path):
