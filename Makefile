@@ -42,6 +42,7 @@ test-fast: $(STAMP)
 	TRITON_INTERPRET=1 BRAINENC_QUIET=1 $(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 docs: $(STAMP)
+	$(BIN)/python docs/build_notebooks.py
 	$(BIN)/sphinx-build -b html $(SPHINXOPTS) docs docs/_build/html
 	@echo "docs: open docs/_build/html/index.html"
 

@@ -29,12 +29,16 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "numpydoc",
-    "myst_parser",
+    "myst_nb",  # myst-parser for the .md pages + the executed notebooks (docs/build_notebooks.py)
 ]
 
-source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 root_doc = "index"
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "screenshot.sh"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "screenshot.sh", "**.ipynb_checkpoints"]
+
+# -- myst-nb: notebooks are executed before the build (make docs -> docs/build_notebooks.py) ----------
+nb_execution_mode = "off"
+nb_merge_streams = True
 
 # -- myst: the user-guide pages ---------------------------------------------------------------------
 myst_enable_extensions = ["colon_fence", "deflist"]
@@ -71,6 +75,9 @@ nitpick_ignore = [
     ("py:class", "brainenc.config.T"),  # the TypeVar of from_dict(cls: type[T], ...) -> T
     # return types of public functions that their packages do not export (not in __all__)
     ("py:class", "brainenc.training.ddp.DistInfo"),
+    # private base classes the BrainMAE estimators share (documented members are shown on each class)
+    ("py:class", "brainenc.pretraining.brainmae._Base"),
+    ("py:class", "brainenc.pretraining.brainmae._BrainMAEFinetune"),
     ("py:class", "brainenc.workflows.spec.PipelineMeta"),
     ("py:class", "brainenc.datasets.nsd.BetasHeader"),
     # RoutingEncoder's docstring says :data:`PRESETS`, which brainenc.encoding does not export
@@ -87,7 +94,7 @@ html_show_sourcelink = False
 
 # -- API pages: one per public sub-package, from its __all__ ------------------------------------------
 #: the documented packages, in the order of the API index
-API_PACKAGES = ["datasets", "features", "encoding", "models", "ops", "training", "metrics", "report",
+API_PACKAGES = ["datasets", "features", "encoding", "pretraining", "models", "ops", "training", "metrics", "report",
                 "workflows", "estimator", "config", "registry", "exceptions"]
 API_DIR = HERE / "api" / "generated"
 

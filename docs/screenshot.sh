@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Manual check of the built documentation site: headless-chromium screenshots of the pages a reader
-# lands on first (the index, the brainenc.encoding API page, the examples page). Look at the PNGs for
+# lands on first (the index, the brainenc.encoding API page, the examples page, the ROI notebook). Look at the PNGs for
 # broken layout, raw markup, empty sections or unreadable signatures. Not run in CI (no chromium there).
 #
 #   make docs-shots                                   # builds the site first, then shoots
@@ -18,7 +18,7 @@ if [[ -z "$browser" ]]; then
     exit 1
 fi
 mkdir -p "$out_dir"
-for page in index api/generated/brainenc.encoding examples; do
+for page in index api/generated/brainenc.encoding examples notebooks/roi_analysis; do
     src="$html_dir/$page.html"
     [[ -f "$src" ]] || { echo "screenshot.sh: $src missing; run 'make docs' first" >&2; exit 1; }
     png="$out_dir/$(basename "$page").png"

@@ -28,6 +28,12 @@
 #
 # Set `BRAINENC_RUN` to a run folder to analyse another run; by default it is the quickstart's
 # `subj01` run, made first if it does not exist (about 2 minutes on 2 cores).
+#
+# *On the documentation site* this notebook was executed on the tiny run of `docs/notebook_run.toml`
+# (250 images, Gabor features, a routing encoder trained for 2 epochs), so its numbers are small and
+# the routing encoder barely beats chance there. On the quickstart run the routing encoder reaches a
+# mean NC-normalised score of 0.77, and every category ROI's predicted preferred category matches the
+# measured one.
 
 # %%
 import json

@@ -28,6 +28,10 @@ def _sphinx_opts() -> list[str]:
 def site(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("docs") / "html"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # as `make docs`: execute the notebooks first (myst-nb renders the stored outputs)
+    nb = subprocess.run([sys.executable, str(DOCS / "build_notebooks.py")], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+    assert nb.returncode == 0, f"docs/build_notebooks.py failed:\n{(nb.stdout + nb.stderr)[-20000:]}"
     cmd = [sys.executable, "-m", "sphinx", "-b", "html", *_sphinx_opts(), "-q", str(DOCS), str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
@@ -73,3 +77,13 @@ def test_examples_page_shows_the_commands(site):
     text = re.sub(r"<[^>]+>", "", html)  # highlighted code is split into <span>s
     for phrase in ("brainenc simulate", "brainenc run quickstart", "brainenc.load", "read_stage_record"):
         assert phrase in text, phrase
+
+
+@pytest.mark.slow
+def test_notebook_page_shows_its_outputs(site):
+    html = (site / "notebooks" / "roi_analysis.html").read_text()
+    assert "ROI analysis of a finished run" in html
+    assert html.count("<img") >= 5  # the figures the notebook drew
+    assert "matches scores/routing/r.npy" in html  # a printed, self-checked output
+    index = (site / "index.html").read_text()
+    assert 'href="notebooks/roi_analysis.html"' in index

@@ -8,25 +8,12 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 
 
-
-def _tiny_spec_text(**kwargs) -> str:
-    """The workflow tests' tiny spec (tests/workflows/conftest.py)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_wf_conftest", Path(__file__).parent / "workflows" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.tiny_spec_text(**kwargs)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from brainenc.workflows import run_pipeline
 
-    tmp = tmp_path_factory.mktemp("nbrun")
-    spec = tmp / "nbtiny.toml"
-    spec.write_text(_tiny_spec_text(name="nbtiny", fits=("pooled", "routing"), epochs=2))
-    return run_pipeline(spec, subject="subj01", data_dir=tmp / "data")
+    tmp = tmp_path_factory.mktemp("nbrun")  # the docs site's notebook run (docs/build_notebooks.py)
+    return run_pipeline(ROOT / "docs" / "notebook_run.toml", subject="subj01", data_dir=tmp / "data")
 
 
 def test_every_notebook_is_listed():

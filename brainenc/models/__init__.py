@@ -13,6 +13,13 @@ from typing import Any, Mapping
 
 from brainenc.config import from_dict, to_dict
 from brainenc.exceptions import ConfigError
+from brainenc.models.brainmae import (
+    TINY_BRAINMAE,
+    BrainMAEArchitecture,
+    BrainMAEFinetuneModel,
+    BrainMAEPretrainModel,
+    static_graph,
+)
 from brainenc.models.positional import LearnedPositional2d, SinePositional2d, make_positional, sine_2d
 from brainenc.models.queries import COMBINE_RULES, QUERY_KINDS, QuerySet, build_query_set
 from brainenc.models.readout import GroupedReadout, dense_readout_reference, per_voxel_readout
@@ -20,6 +27,11 @@ from brainenc.models.routing_encoder import CrossAttention, DecoderLayer, Routin
 from brainenc.registry import Registry
 
 __all__ = [
+    "BrainMAEArchitecture",
+    "BrainMAEPretrainModel",
+    "BrainMAEFinetuneModel",
+    "static_graph",
+    "TINY_BRAINMAE",
     "MODELS",
     "create_model",
     "list_models",
