@@ -103,3 +103,37 @@ def read_tensor_metadata(path: str | Path) -> dict[str, str]:
             return dict(fh.metadata() or {})
     except Exception as exc:  # noqa: BLE001
         raise DataFormatError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+class WeightsMismatchError(DataFormatError):
+    """Saved weights whose names or shapes do not fit the module built from the saved config."""
+
+
+def load_module_state(module, state: Mapping[str, Any], where: str = "") -> None:
+    """``module.load_state_dict(state)`` after checking every name and shape, with a one-line error.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    state : mapping of str to array or tensor
+        numpy arrays are converted (no copy).
+    where : str
+        Appended to the message ("in config.json").
+
+    Raises
+    ------
+    WeightsMismatchError
+        Missing, unexpected or mis-shaped entries (the first three named).
+    """
+    import torch
+
+    state = {k: v if torch.is_tensor(v) else torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+    expected = module.state_dict()
+    problems = [f"missing {k!r}" for k in expected if k not in state]
+    problems += [f"unexpected {k!r}" for k in state if k not in expected]
+    problems += [f"{k!r} has shape {tuple(state[k].shape)}, the architecture needs {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        raise WeightsMismatchError(f"weights do not fit the architecture{' ' + where if where else ''} "
+                                   f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''})")
+    module.load_state_dict(state)

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
+from brainenc._utils.tensors import WeightsMismatchError, load_module_state
 from brainenc._utils.validation import check_array, check_option
 from brainenc.config import from_dict, to_dict
 from brainenc.estimator import (
@@ -57,10 +58,6 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "compact": ({"d_model": 128, "n_heads": 8, "d_ffn": 256, "positional_scale": 10.0},
                 {"epochs": 30, "batch_size": 32, "lr": 1e-3, "grad_clip": 1.0, "schedule": "constant"}),
 }
-
-
-class _WeightsMismatch(DataFormatError):
-    """Saved weights do not fit the architecture (re-raised by ``from_pretrained`` with the path)."""
 
 
 def _infer_grid(n_tokens: int) -> tuple[int, int]:
@@ -466,16 +463,8 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
             model = RoutingEncoderModel(self._arch(), feature_dim=int(meta["n_features"]), grid=grid,
                                         n_voxels=int(meta["n_voxels"]), query_set=qs,
                                         token_norm=self.standardize_tokens)
-        state = {k[len("model."):]: torch.from_numpy(np.asarray(v)) for k, v in arrays.items() if k.startswith("model.")}
-        expected = model.state_dict()
-        problems = [f"missing {k!r}" for k in expected if k not in state]
-        problems += [f"unexpected {k!r}" for k in state if k not in expected]
-        problems += [f"{k!r} has shape {tuple(state[k].shape)}, the architecture needs {tuple(v.shape)}"
-                     for k, v in expected.items() if k in state and state[k].shape != v.shape]
-        if problems:
-            raise _WeightsMismatch(f"weights do not fit the architecture in {CONFIG_FILE} "
-                                   f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''})")
-        model.load_state_dict(state)
+        load_module_state(model, {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")},
+                          f"in {CONFIG_FILE}")
         model.eval()
         self.model_, self.query_set_ = model, qs
         self.grid_ = grid
@@ -510,5 +499,5 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
                     params[k] = {**saved[k], **params[k]}
         try:
             return super().from_pretrained(directory, **params)
-        except _WeightsMismatch as exc:
+        except WeightsMismatchError as exc:
             raise DataFormatError(f"{directory / WEIGHTS_FILE}: {exc}") from None

@@ -25,6 +25,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin
 
 from brainenc._utils.logging import get_logger
+from brainenc._utils.tensors import WeightsMismatchError, load_module_state
 from brainenc._utils.validation import check_option
 from brainenc.config import from_dict, to_dict
 from brainenc.estimator import (
@@ -438,27 +439,12 @@ class _Base(EstimatorMixin, BaseEstimator):
                 params[k] = {**saved[k], **params[k]}
         try:
             return super().from_pretrained(directory, **params)
-        except _WeightsMismatch as exc:
+        except WeightsMismatchError as exc:
             raise DataFormatError(f"{directory / WEIGHTS_FILE}: {exc}") from None
 
 
-class _WeightsMismatch(DataFormatError):
-    pass
-
-
 def _load_state(module, state: Mapping[str, Any]) -> None:
-    import torch
-
-    state = {k: torch.from_numpy(np.asarray(v)) if not torch.is_tensor(v) else v for k, v in state.items()}
-    expected = module.state_dict()
-    problems = [f"missing {k!r}" for k in expected if k not in state]
-    problems += [f"unexpected {k!r}" for k in state if k not in expected]
-    problems += [f"{k!r} has shape {tuple(state[k].shape)}, the architecture needs {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if problems:
-        raise _WeightsMismatch(f"weights do not fit the architecture ({'; '.join(problems[:3])}"
-                               f"{'; ...' if len(problems) > 3 else ''})")
-    module.load_state_dict(state)
+    load_module_state(module, state)
 
 
 # ---- BrainMAE (self-supervised) ------------------------------------------------------------------
@@ -746,7 +732,9 @@ class _BrainMAEFinetune(_Base):
         return x, valid
 
     def _targets(self, y, n: int):
-        raise NotImplementedError
+        """Validated training targets for ``n`` samples (the classifier and regressor define it)."""
+        raise TypeError(f"{type(self).__name__} does not define its targets; use BrainMAEClassifier or "
+                        "BrainMAERegressor")
 
     def fit(self, X, y, *, run_dir: str | Path | None = None, resume: bool = False):
         """Fine-tune (or train from scratch) on samples of ROI time series.
@@ -783,7 +771,7 @@ class _BrainMAEFinetune(_Base):
         if state is not None:
             try:
                 _load_state(model.encoder, state)
-            except _WeightsMismatch as exc:
+            except WeightsMismatchError as exc:
                 raise ConfigError(f"'model' does not fit the pretrained encoder '{self.pretrained}': {exc}") from None
         if self.freeze_encoder:
             for p in model.encoder.parameters():
