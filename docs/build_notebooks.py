@@ -36,12 +36,23 @@ def _run_dir() -> Path:
 
 def _stamp(source: Path, run_dir: Path) -> str:
     h = hashlib.sha256(source.read_bytes())
-    for rec in sorted((run_dir / "stages").glob("*.json")):
-        h.update(rec.read_bytes())
+    for rec in sorted((run_dir / "stages").glob("*.json")):  # stage keys, not timings (a volatile stage reruns)
+        h.update(rec.name.encode() + json.loads(rec.read_text()).get("key", "").encode())
     return h.hexdigest()
 
 
 def build(force: bool = False) -> list[Path]:
+    """Execute what is out of date; one builder at a time (a second one waits, then finds it up to date:
+    the test suite builds the site from several pytest-xdist workers at once)."""
+    import fcntl
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    with open(DATA.parent / ".build_notebooks.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocking; released when the process ends, even if killed
+        return _build(force)
+
+
+def _build(force: bool) -> list[Path]:
     import jupytext
     import nbclient
     import nbformat
