@@ -23,7 +23,7 @@ import numpy as np
 
 from brainenc._version import __version__
 from brainenc._utils.io import read_json, remove_stale_temps, temp_dir_name, write_json
-from brainenc._utils.tensors import load_tensors, save_tensors
+from brainenc._utils.tensors import WeightsMismatchError, load_tensors, save_tensors
 from brainenc.exceptions import ConfigError, DataFormatError, NotFittedError
 from brainenc.registry import Registry
 
@@ -229,10 +229,15 @@ class EstimatorMixin:
         ----------
         directory : path
         **params
-            Constructor parameters to override (e.g. ``device="cuda"``).
+            Constructor parameters to override (e.g. ``device="cuda"``). For a parameter named in the
+            class's ``_nested_params`` (tables such as ``model`` / ``train``), a mapping updates the
+            saved table key by key (``train={"device": "cpu"}``).
         """
         directory = Path(directory).expanduser()
         meta = read_pretrained_config(directory)
+        for k in getattr(cls, "_nested_params", ()):
+            if isinstance(params.get(k), Mapping) and isinstance(meta["config"].get(k), Mapping):
+                params[k] = {**meta["config"][k], **params[k]}
         if meta["class"] != cls._estimator_name and cls is not EstimatorMixin:
             raise DataFormatError(f"{directory / CONFIG_FILE}: holds a {meta['class']!r} estimator, "
                                   f"not {cls._estimator_name!r} (use brainenc.load to get the right class)")
@@ -249,6 +254,8 @@ class EstimatorMixin:
             est._restore_fitted(arrays, meta["fitted"])
         except KeyError as exc:
             raise DataFormatError(f"{directory}: saved state lacks {exc.args[0]!r}") from None
+        except WeightsMismatchError as exc:  # raised by load_module_state: name the file
+            raise DataFormatError(f"{directory / WEIGHTS_FILE}: {exc}") from None
         return est
 
 

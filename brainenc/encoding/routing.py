@@ -25,12 +25,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
-from brainenc._utils.tensors import WeightsMismatchError, load_module_state
+from brainenc._utils.tensors import load_module_state
 from brainenc._utils.validation import check_array, check_option
 from brainenc.config import from_dict, to_dict
 from brainenc.estimator import (
     CONFIG_FILE,
-    WEIGHTS_FILE,
     EstimatorMixin,
     read_pretrained_config,
     register_estimator,
@@ -157,6 +156,8 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     >>> enc.fit(tokens, Y, hemi=hemi).predict(tokens).shape     # doctest: +SKIP
     (n_samples, n_voxels)
     """
+
+    _nested_params = _NESTED  # from_pretrained merges mapping overrides into the saved tables
 
     def __init__(self, queries: str = "rois", combine: str = "sum", families: Sequence[str] | None = None,
                  unknown: bool = True, preset: str = "compact", model=None, train=None,
@@ -493,11 +494,4 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         for key, legacy in _LEGACY_DEFAULTS.items():  # saved before the parameter existed
             if key not in saved:
                 params.setdefault(key, legacy)
-        if any(isinstance(params.get(k), Mapping) for k in _NESTED):
-            for k in _NESTED:
-                if isinstance(params.get(k), Mapping) and isinstance(saved.get(k), Mapping):
-                    params[k] = {**saved[k], **params[k]}
-        try:
-            return super().from_pretrained(directory, **params)
-        except WeightsMismatchError as exc:
-            raise DataFormatError(f"{directory / WEIGHTS_FILE}: {exc}") from None
+        return super().from_pretrained(directory, **params)

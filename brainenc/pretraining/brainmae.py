@@ -29,9 +29,7 @@ from brainenc._utils.tensors import WeightsMismatchError, load_module_state
 from brainenc._utils.validation import check_option
 from brainenc.config import from_dict, to_dict
 from brainenc.estimator import (
-    WEIGHTS_FILE,
     EstimatorMixin,
-    read_pretrained_config,
     register_estimator,
     to_json_value,
 )
@@ -363,6 +361,7 @@ class _Base(EstimatorMixin, BaseEstimator):
     """Segmenting parameters, nested model/train tables and torch inference shared by the estimators."""
 
     _arch_base: dict[str, Any] = {}
+    _nested_params = _NESTED  # from_pretrained merges mapping overrides into the saved tables
 
     @classmethod
     def _unknown_key_hint(cls, key: str, prefix: str) -> str | None:
@@ -432,15 +431,7 @@ class _Base(EstimatorMixin, BaseEstimator):
         A mapping given for ``model`` or ``train`` updates the saved table key by key (e.g.
         ``train={"device": "cpu"}``).
         """
-        directory = Path(directory).expanduser()
-        saved = read_pretrained_config(directory)["config"]
-        for k in _NESTED:
-            if isinstance(params.get(k), Mapping) and isinstance(saved.get(k), Mapping):
-                params[k] = {**saved[k], **params[k]}
-        try:
-            return super().from_pretrained(directory, **params)
-        except WeightsMismatchError as exc:
-            raise DataFormatError(f"{directory / WEIGHTS_FILE}: {exc}") from None
+        return super().from_pretrained(directory, **params)
 
 
 def _load_state(module, state: Mapping[str, Any]) -> None:
