@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", nargs="?", default="pipelines/quickstart.toml",
                    help="pipeline TOML (a path, or a name under pipelines/; default: quickstart)")
     who = p.add_mutually_exclusive_group()
-    who.add_argument("--subject", default=None, help="subject (default: subj01)")
+    who.add_argument("--subject", default=None, help="subject (default: subj01); a group task (networks): the run's name (default: cohort)")
     who.add_argument("--subjects", default=None, metavar="LIST",
                      help="several subjects: subj01,subj02 | subj01-subj04 | all; one run folder each, "
                           "then a summary table across them")
@@ -227,7 +227,7 @@ def cmd_run(args) -> int:
         if getattr(args, flag) is not None:
             print(f"brainenc run: error: --{flag.replace('_', '-')} applies to --subjects runs", file=sys.stderr)
             return 2
-    run_dir = run_pipeline(args.pipeline, subject=args.subject or "subj01", data_dir=data_dir, nsd_root=nsd,
+    run_dir = run_pipeline(args.pipeline, subject=args.subject, data_dir=data_dir, nsd_root=nsd,
                            out=args.out, overrides=args.overrides, stages=stages)
     print(f"done in {time.perf_counter() - t0:.1f} s")
     print(f"  run folder: {run_dir}")

@@ -49,7 +49,8 @@ def load_dataset(name: str, *args, **kwargs):
     return DATASETS.get(name)(*args, **kwargs)
 
 
-_LAZY = {"layout", "nsd", "prepare", "splits", "noise_ceiling", "algonauts", "mindeye2", "simulate"}
+_LAZY = {"layout", "nsd", "prepare", "splits", "noise_ceiling", "algonauts", "mindeye2", "simulate", "cohort",
+         "timeseries", "haxby"}
 
 
 def __getattr__(name: str):

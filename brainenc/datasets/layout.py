@@ -184,3 +184,55 @@ def n_sessions(root: Path, subject: str) -> int:
             return n
     check_option("subject", subject, SUBJECTS)
     return N_SESSIONS[subject]
+
+
+# ----------------------------------------------------------------------------------------------
+# nsddata_timeseries (NSD data manual; not in nsd_format.md, so unverified)
+# ----------------------------------------------------------------------------------------------
+_TIMESERIES_RUN_RE = r"timeseries_session(\d+)_run(\d+)\.nii(\.gz)?$"
+
+
+def timeseries_dir(root: Path, subject: str, space: str) -> Path:
+    """``nsddata_timeseries/ppdata/subjXX/<space>``, holding ``timeseries/``, ``design/`` and ``motion/``.
+
+    Layout from the public NSD data manual (unverified: not in brainenc's format notes). Volume spaces only.
+    """
+    check_option("space", space, VOLUME_SPACES)
+    return Path(root) / "nsddata_timeseries" / "ppdata" / check_subject(subject) / space
+
+
+def _run_name(kind: str, session: int, run: int, ext: str) -> str:
+    for name, v in (("session", session), ("run", run)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            from brainenc.exceptions import ConfigError
+
+            raise ConfigError(f"'{name}' must be a positive integer (1-based); {v!r} was provided")
+    return f"{kind}_session{session:02d}_run{run:02d}.{ext}"
+
+
+def timeseries_path(root: Path, subject: str, space: str, session: int, run: int) -> Path:
+    """``.../<space>/timeseries/timeseries_sessionNN_runNN.nii.gz`` (4-D pre-processed run; 1-based numbers)."""
+    return timeseries_dir(root, subject, space) / "timeseries" / _run_name("timeseries", session, run, "nii.gz")
+
+
+def timeseries_design_path(root: Path, subject: str, space: str, session: int, run: int) -> Path:
+    """``.../<space>/design/design_sessionNN_runNN.tsv`` (one row per volume)."""
+    return timeseries_dir(root, subject, space) / "design" / _run_name("design", session, run, "tsv")
+
+
+def timeseries_motion_path(root: Path, subject: str, space: str, session: int, run: int) -> Path:
+    """``.../<space>/motion/motion_sessionNN_runNN.tsv`` (one row of motion parameters per volume)."""
+    return timeseries_dir(root, subject, space) / "motion" / _run_name("motion", session, run, "tsv")
+
+
+def list_timeseries_runs(root: Path, subject: str, space: str) -> list[tuple[int, int]]:
+    """The (session, run) pairs with a time-series file on disk, sorted (found by globbing)."""
+    import re
+
+    folder = timeseries_dir(root, subject, space) / "timeseries"
+    found = set()
+    for p in folder.glob("timeseries_session*_run*.nii*"):
+        m = re.match(_TIMESERIES_RUN_RE, p.name)
+        if m:
+            found.add((int(m.group(1)), int(m.group(2))))
+    return sorted(found)

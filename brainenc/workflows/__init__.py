@@ -5,10 +5,19 @@ encoding task: ``simulate -> prepare -> features -> fit.<model> -> evaluate -> r
 stage is cached by a key (its config + upstream keys + brainenc version), so a rerun is a no-op,
 a changed config reruns what depends on it and a killed run resumes. The generic engine
 (:mod:`brainenc.workflows.engine`) knows nothing about fMRI; each task registers its graph with
-:func:`register_task`.
+:func:`register_task`; the ``networks`` task (:mod:`brainenc.workflows.networks`: cohort ->
+samples -> folds -> pretrain -> fit.<model> -> evaluate -> report) runs once over a group.
 """
 from brainenc.workflows.engine import Stage, StageContext, StageResult, read_stage_record, run_stages, stage_key
-from brainenc.workflows.pipeline import TASKS, RunContext, build_stages, register_task, run_dir_for, run_pipeline
+from brainenc.workflows.pipeline import (
+    TASKS,
+    RunContext,
+    build_stages,
+    register_task,
+    run_dir_for,
+    run_pipeline,
+    task_is_per_subject,
+)
 from brainenc.workflows.spec import (
     FIT_KINDS,
     EvaluateConfig,
@@ -34,6 +43,11 @@ def _register_builtins() -> None:
                       defaults={"standardize": True})
     register_fit_kind("routing", "routing", fitters.fit_routing, inputs={"features": "tokens"})
 
+    from brainenc.workflows import networks
+
+    register_task("networks", networks.build_networks_graph, sections=networks.SECTIONS, per_subject=False,
+                  description="subject-level classification from ROI time series: BrainMAE vs network baselines")
+
 
 _register_builtins()
 
@@ -42,6 +56,7 @@ __all__ = [
     "RunContext",
     "TASKS",
     "register_task",
+    "task_is_per_subject",
     "load_pipeline",
     "parse_pipeline",
     "PipelineSpec",

@@ -286,6 +286,10 @@ def run_subjects(pipeline, subjects: str | Sequence[str], *, executor: str = "lo
     executor = check_option("executor", executor, EXECUTORS)
     names = parse_subjects(subjects)
     spec = load_pipeline(pipeline, overrides=overrides)
+    from brainenc.workflows.pipeline import task_is_per_subject
+
+    if not task_is_per_subject(spec.pipeline.task):
+        raise ConfigError(f"the {spec.pipeline.task} task runs once over a whole group; run it without --subjects")
     res = from_dict(ResourceConfig, dict(to_dict(spec.resources), **(resources or {})), _prefix="resources.")
     data_dir = resolve_data_dir(data_dir)
     nsd = Path(nsd_root).expanduser().resolve() if nsd_root else default_nsd_root(data_dir)

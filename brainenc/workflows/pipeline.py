@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -49,11 +50,12 @@ from brainenc._utils.io import (
 )
 from brainenc._utils.logging import get_logger
 from brainenc._utils.paths import features_root, nsd_root as default_nsd_root, prepared_root, resolve_data_dir, runs_root
+from brainenc.exceptions import ConfigError
 from brainenc.registry import Registry
 from brainenc.workflows.engine import Stage, run_stages, select_stages
 from brainenc.workflows.spec import PipelineSpec, load_pipeline
 
-__all__ = ["run_pipeline", "RunContext", "TASKS", "register_task", "build_stages", "run_dir_for",
+__all__ = ["run_pipeline", "RunContext", "TASKS", "register_task", "task_is_per_subject", "build_stages", "run_dir_for",
            "collect_versions", "load_run_config"]
 
 #: the run folder's lock file (held for the duration of a run)
@@ -154,14 +156,19 @@ class RunContext:
     run_dir: Path
 
     @classmethod
-    def create(cls, spec: PipelineSpec, subject: str = "subj01", data_dir=None, nsd_root=None,
+    def create(cls, spec: PipelineSpec, subject: str | None = None, data_dir=None, nsd_root=None,
                out=None) -> "RunContext":
         """Resolve the defaults: data root (argument > ``$BRAINENC_DATA`` > ``~/brainenc_data``),
         NSD root ``<data root>/nsd``, run folder ``<data root>/runs/<pipeline>/<subject>``."""
         from brainenc._utils.validation import check_option, check_subject
         from brainenc.datasets import layout
 
-        subject = check_option("subject", check_subject(subject), layout.SUBJECTS)
+        if not task_is_per_subject(spec.pipeline.task):
+            subject = "cohort" if subject is None else str(subject)
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", subject):
+                raise ConfigError(f"run name {subject!r} must be letters, digits, '_', '-', '.'")
+        else:
+            subject = check_option("subject", check_subject(subject or "subj01"), layout.SUBJECTS)
         data_dir = resolve_data_dir(data_dir)
         nsd = Path(nsd_root).expanduser().resolve() if nsd_root else default_nsd_root(data_dir)
         return cls(subject=subject, data_dir=data_dir, nsd_root=nsd,
@@ -189,7 +196,8 @@ class RunContext:
 TASKS = Registry("task")
 
 
-def register_task(name: str, build: Callable[[PipelineSpec, RunContext], list[Stage]]) -> None:
+def register_task(name: str, build: Callable[[PipelineSpec, RunContext], list[Stage]], *,
+                  sections: dict | None = None, per_subject: bool = True, description: str = "") -> None:
     """Register the stage graph of a task (``encoding`` today; decoding, reconstruction, ... later).
 
     Parameters
@@ -198,8 +206,24 @@ def register_task(name: str, build: Callable[[PipelineSpec, RunContext], list[St
         The ``[pipeline] task`` value.
     build : callable
         ``build(spec, run) -> list[Stage]``; the engine runs the stages it returns.
+    sections : dict, optional
+        The task's own spec tables: name -> a dataclass (``from_dict`` validates it) or a
+        ``parse(table, prefix)`` callable. Given, the spec holds ``[pipeline]``, ``[resources]`` and
+        these tables only (``PipelineSpec.sections``); None: the encoding tables.
+    per_subject : bool
+        False for a task over a whole group (a cohort): the run is not one NSD subject, its
+        folder is ``runs/<pipeline>/<run name>`` (``subject`` given to :func:`run_pipeline`, default
+        ``"cohort"``) and ``brainenc run --subjects`` does not apply.
+    description : str
+        One line for listings.
     """
-    TASKS.register(name, build, overwrite=True)
+    TASKS.register(name, build, overwrite=True, sections=sections, per_subject=per_subject,
+                   description=description)
+
+
+def task_is_per_subject(task: str) -> bool:
+    """Whether ``task`` runs once per NSD subject (``register_task(..., per_subject=...)``)."""
+    return bool(TASKS.meta(task).get("per_subject", True))
 
 
 def build_stages(spec: PipelineSpec, run: RunContext) -> list[Stage]:
@@ -207,7 +231,7 @@ def build_stages(spec: PipelineSpec, run: RunContext) -> list[Stage]:
     return TASKS.get(spec.pipeline.task)(spec, run)
 
 
-def run_pipeline(pipeline, subject: str = "subj01", data_dir=None, nsd_root=None, out=None,
+def run_pipeline(pipeline, subject: str | None = None, data_dir=None, nsd_root=None, out=None,
                  overrides: list[str] | None = None, stages: Sequence[str] | None = None,
                  force: Sequence[str] = ()) -> Path:
     """Run a pipeline spec for one subject, resumably.
@@ -216,8 +240,9 @@ def run_pipeline(pipeline, subject: str = "subj01", data_dir=None, nsd_root=None
     ----------
     pipeline : str or Path
         A TOML path or a bare name under the repository's ``pipelines/`` (``"quickstart"``).
-    subject : str
-        Subject (``"subj01"``).
+    subject : str, optional
+        Subject (default ``"subj01"``); for a task over a group (``per_subject=False``) the run's
+        name (default ``"cohort"``).
     data_dir : path, optional
         Data root (argument > ``$BRAINENC_DATA`` > ``~/brainenc_data``).
     nsd_root : path, optional

@@ -16,6 +16,11 @@ A spec has these tables (all but ``[pipeline]`` optional)::
                  sizes the local process pool and the SLURM request of ``brainenc run --subjects``;
                  it never changes a result, so no stage key includes it
 
+A task that is not ``encoding`` declares its own tables when it registers
+(:func:`brainenc.workflows.register_task` with ``sections``); its spec then holds ``[pipeline]``,
+``[resources]`` and those tables only (``PipelineSpec.sections``), e.g. the ``networks`` task's
+``[cohort]``, ``[evaluate]``, ``[pretrain]``, ``[[fit]]``, ``[report]``.
+
 Unknown tables or keys are one-line :class:`~brainenc.exceptions.ConfigError` s naming the key.
 A spec never names a subject: the subject, data root and run folder belong to the run
 (:class:`brainenc.workflows.RunContext`), so one spec serves every subject.
@@ -300,6 +305,9 @@ class PipelineSpec:
         What one subject's job needs (``brainenc run --subjects``).
     source : Path or None
         The TOML file the spec came from.
+    sections : dict or None
+        A task with its own tables (``register_task(..., sections=...)``): table name -> its
+        parsed value; the encoding fields above then keep their defaults and are unused.
     """
 
     pipeline: PipelineMeta
@@ -312,6 +320,7 @@ class PipelineSpec:
     report: ReportOptions
     resources: ResourceConfig = dataclasses.field(default_factory=ResourceConfig)
     source: Path | None = None
+    sections: dict | None = None
 
     @property
     def name(self) -> str:
@@ -319,6 +328,10 @@ class PipelineSpec:
 
     def resolved(self) -> dict:
         """The full resolved config as plain data (what ``config.resolved.json`` holds)."""
+        if self.sections is not None:  # a task with its own tables
+            return {"pipeline": to_dict(self.pipeline),
+                    **{k: _section_dict(v) for k, v in self.sections.items()},
+                    "resources": to_dict(self.resources)}
         out = {
             "pipeline": to_dict(self.pipeline),
             "prepare": dict({k: v for k, v in to_dict(self.prepare).items() if k != "subject"}, simulate=self.simulate),
@@ -331,6 +344,45 @@ class PipelineSpec:
         if self.simulation is not None:
             out["simulate"] = {k: v for k, v in to_dict(self.simulation).items() if k != "subject"}
         return out
+
+
+def _section_dict(value) -> Any:
+    """Plain data of a parsed task table (a dataclass, a list / mapping of them, or plain data)."""
+    if dataclasses.is_dataclass(value):
+        return value.to_dict() if hasattr(value, "to_dict") else to_dict(value)
+    if isinstance(value, dict):
+        return {k: _section_dict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_section_dict(v) for v in value]
+    return value
+
+
+def _parse_task_sections(meta, data: dict, sections: dict, resources_table: dict, source) -> "PipelineSpec":
+    """A spec of a task with its own tables: ``[pipeline]``, ``[resources]`` + ``sections``."""
+    allowed = ("pipeline", "resources", *sections)
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; the {meta.task} task's tables are {', '.join(allowed)}"
+        raise ConfigError(f"unknown table '{unknown[0]}' in pipeline spec{hint}")
+    parsed = {}
+    for sec, parse in sections.items():
+        table = data.get(sec, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"'{sec}' must be a table; {table!r} was provided")
+        if isinstance(parse, type) and dataclasses.is_dataclass(parse):
+            parsed[sec] = from_dict(parse, table, _prefix=f"{sec}.")
+        else:
+            parsed[sec] = parse(table, f"{sec}.")
+    resources = from_dict(ResourceConfig, resources_table, _prefix="resources.")
+    from brainenc.datasets.prepare import PrepareConfig
+    from brainenc.features import FeatureSpec
+
+    return PipelineSpec(pipeline=meta, prepare=PrepareConfig(), simulate=False, simulation=None,
+                        features=FeatureSpec(), fits=[], evaluate=EvaluateConfig(), report=ReportOptions(),
+                        resources=resources, source=source, sections=parsed)
 
 
 def _fit_list_to_table(data: dict) -> dict:
@@ -384,6 +436,15 @@ def parse_pipeline(data: dict, *, overrides: list[str] | None = None, source: Pa
 
     data = _fit_list_to_table(dict(data))
     data = apply_overrides(data, overrides)
+    pipe = data.get("pipeline")
+    if isinstance(pipe, dict) and pipe.get("task", "encoding") != "encoding":
+        meta = from_dict(PipelineMeta, pipe, _prefix="pipeline.")
+        from brainenc.workflows.pipeline import TASKS
+
+        TASKS.get(meta.task)
+        sections = TASKS.meta(meta.task).get("sections")
+        if sections is not None:
+            return _parse_task_sections(meta, data, sections, data.get("resources", {}), source)
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
         import difflib
