@@ -1,4 +1,5 @@
-"""brainenc.metrics: per-voxel scores as pure numpy functions (no torch import).
+"""brainenc.metrics: per-voxel scores and subject-level classification / regression scores as pure
+numpy functions (no torch import).
 
 The noise ceiling itself comes from the data (``brainenc.datasets.noise_ceiling.noise_ceiling``).
 ``METRICS`` maps the names the CLI and pipeline specs use to ``fn(y_true, y_pred) -> [n_voxels]``.
@@ -10,6 +11,7 @@ from brainenc.metrics.voxelwise import (
     roi_aggregate,
     split_scores,
 )
+from brainenc.metrics.classification import chance_level, classification_scores, regression_scores
 from brainenc.metrics.scoreset import NormalizeOptions, ScoreSet, score_predictions
 from brainenc.registry import Registry
 
@@ -28,4 +30,7 @@ __all__ = [
     "score_predictions",
     "ScoreSet",
     "NormalizeOptions",
+    "classification_scores",
+    "regression_scores",
+    "chance_level",
 ]
