@@ -18,7 +18,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -63,7 +63,7 @@ def plot_scores(summary: Mapping, path: str | Path, metrics: Sequence[str] = ("a
     ax.set_xticks(x, models, rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score (folds)")
-    ax.legend(fontsize=8, ncols=2, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save_figure(fig, path, dpi=dpi)
 
 

@@ -500,6 +500,8 @@ def _stage_pretrain(cfg: PretrainSection):
         folds = _folds(ctx)
         root = ctx.run_dir / "models" / "pretrain"
         _fresh_folder(root, ctx.key)
+        checkpoints = ctx.run_dir / "train" / "pretrain"
+        _fresh_folder(checkpoints, ctx.key)  # never resume a checkpoint written under another config
         units = [("all", np.arange(len(s.series)))] if cfg.scope == "all" else \
             [(f"fold{k}", tr) for k, (tr, _) in enumerate(folds)]
         out, files, seconds = {}, [], {}
@@ -510,7 +512,7 @@ def _stage_pretrain(cfg: PretrainSection):
                 rows = _pretrain_rows(s, train, cfg.data)
                 log.info("pretrain %s: BrainMAE on %d series", name, len(rows))
                 est = BrainMAE.from_config({**cfg.params, "tr": s.tr}, prefix="pretrain.")
-                est.fit(rows, run_dir=ctx.run_dir / "train" / "pretrain" / name, resume=True)
+                est.fit(rows, run_dir=checkpoints / name, resume=True)
                 est.save_pretrained(folder)
                 write_json(folder / "seconds.json", {"seconds": time.perf_counter() - t0, "n_series": len(rows)})
             seconds[name] = read_json(folder / "seconds.json")["seconds"]
@@ -538,6 +540,9 @@ def _stage_fit(fit: NetworkFit, scope: str):
         folds = _folds(ctx)
         folder = ctx.run_dir / "predictions" / fit.name
         _fresh_folder(folder, ctx.key)
+        checkpoints = ctx.run_dir / "train" / fit.name
+        if fit.kind == "brainmae":
+            _fresh_folder(checkpoints, ctx.key)  # never resume a checkpoint written under another config
         pre = ctx.inputs.get("pretrain", {}).get("models", {})
         results = []
         for k, (train, test) in enumerate(folds):
@@ -553,7 +558,7 @@ def _stage_fit(fit: NetworkFit, scope: str):
                 Xtr = [s.series[i] for i in train]
                 Xte = [s.series[i] for i in test]
                 if fit.kind == "brainmae":
-                    est.fit(Xtr, s.labels[train], run_dir=ctx.run_dir / "train" / fit.name / f"fold{k}", resume=True)
+                    est.fit(Xtr, s.labels[train], run_dir=checkpoints / f"fold{k}", resume=True)
                 else:
                     est.fit(Xtr, s.labels[train])
                 pred = np.asarray(est.predict(Xte)).astype(np.int64)
@@ -698,6 +703,8 @@ def build_networks_graph(spec, run) -> list[Stage]:
     names = [f.name for f in fits]
     if len(set(names)) != len(names):
         raise ConfigError("duplicate model names in [[fit]]")
+    if "pretrain" in names:
+        raise ConfigError("'fit.pretrain': the name is taken by the pretraining stage; rename the model")
     need_pretrain = any(f.pretrained for f in fits)
     stages = [
         Stage("cohort", _stage_cohort(cohort, run.data_dir), config=to_dict(cohort), volatile=True),

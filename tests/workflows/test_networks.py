@@ -167,3 +167,31 @@ def test_tiny_cohort_end_to_end_and_resume(tmp_path):
     assert p.stat().st_mtime_ns != before[p]
     q = run / "predictions" / "fc" / "fold0.json"
     assert q.stat().st_mtime_ns == before[q]
+    # a changed pretraining config retrains from scratch (its old checkpoints are not resumed)
+    from brainenc.pretraining import BrainMAE
+
+    old = BrainMAE.from_pretrained(run / "models" / "pretrain" / "fold0").history_
+    run_pipeline(str(spec), data_dir=data, overrides=["pretrain.train.lr=0.003"])
+    new = BrainMAE.from_pretrained(run / "models" / "pretrain" / "fold0").history_
+    assert len(new) == 2 and new[0]["lr"] == pytest.approx(0.003) and old[0]["lr"] != pytest.approx(0.003)
+    assert new[0]["train_loss"] != old[0]["train_loss"]
+
+
+@pytest.mark.slow
+def test_haxby_spec_runs_on_the_shipped_data(tmp_path):
+    """The real-data spec, shortened (3 run-group folds, 1 epoch): it runs end to end, BrainMAE is
+    pretrained on rest stretches of the training runs only, and the MVPA reference decodes the
+    categories far above chance (8 classes)."""
+    over = ["evaluate.scheme=group", "evaluate.n_splits=3", "pretrain.train.epochs=1",
+            "fit.brainmae.train.epochs=1", "fit.brainmae_scratch.train.epochs=1"]
+    run = run_pipeline("networks_haxby", data_dir=tmp_path / "data", overrides=over)
+    summary = json.loads((run / "scores" / "summary.json").read_text())
+    assert summary["chance"] == pytest.approx(1 / 8)
+    assert summary["models"]["mean_logreg"]["summary"]["accuracy"]["mean"] > 0.4
+    meta = json.loads((run / "samples" / "meta.json").read_text())
+    assert meta["n_samples"] == 96 and meta["n_extra"] > 0
+    folds = json.loads((run / "folds.json").read_text())["folds"]
+    groups = np.asarray(meta["groups"])
+    for f in folds:  # whole runs are held out
+        assert not set(groups[f["train"]]) & set(groups[f["test"]])
+    assert (run / "report" / "index.html").is_file()

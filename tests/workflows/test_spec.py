@@ -20,6 +20,16 @@ def test_every_pipeline_parses_into_dataclasses(path):
 
     spec = load_pipeline(path)
     assert spec.name == path.stem
+    if spec.sections is not None:  # a task with its own tables (networks)
+        resolved = spec.resolved()
+        assert set(spec.sections) <= set(resolved)
+        again = parse_pipeline(resolved)  # the resolved config is itself a valid spec, parsing to the same
+        assert again.resolved() == resolved
+        for fit in spec.sections.get("fit", []):
+            assert fit.build(**({"tr": 2.0} if fit.kind == "brainmae" else {})) is not None
+        run = RunContext.create(spec, None, data_dir="/tmp/brainenc-unused")
+        assert run.run_dir.name == "cohort"
+        return
     assert isinstance(spec.prepare, PrepareConfig) and isinstance(spec.features, FeatureSpec)
     assert spec.fits and len({f.name for f in spec.fits}) == len(spec.fits)
     resolved = spec.resolved()
