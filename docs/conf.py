@@ -64,7 +64,7 @@ numpydoc_xref_param_type = False  # type strings stay text ("array of shape (n, 
 # standard-library types cannot resolve; they are ignored by module prefix. References to brainenc
 # objects are still checked.
 nitpick_ignore_regex = [
-    (r"py:.*", r"(numpy|np|scipy|torch|nn|sklearn|h5py|nibabel|matplotlib|PIL|pathlib|os|typing|abc|"
+    (r"py:.*", r"(numpy|np|scipy|torch|nn|sklearn|h5py|nibabel|nilearn|pandas|matplotlib|PIL|pathlib|os|typing|abc|"
                r"collections|concurrent|logging|argparse|types|dataclasses|enum|io|re|datetime)(\..*)?"),
     (r"py:.*", r"(Path|PathLike|Any|Callable|Iterable|Iterator|Mapping|MutableMapping|Sequence|Literal|"
                r"Optional|Union|ArrayLike|NDArray|Tensor|Module|Figure|Axes|Generator|Hashable|Self|"

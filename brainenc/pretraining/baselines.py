@@ -285,7 +285,7 @@ class NetworkFeatures(TransformerMixin, BaseEstimator):
         Count triangles with scipy.sparse (``((A @ A) .* A)`` row sums; no dense R^3 product);
         "auto" = when n_rois > 500.
     absolute_values : bool, default False
-        Threshold |r| instead of r.
+        Threshold ``|r|`` instead of ``r``.
     input : {"series", "fc"}, default "series"
         "fc": ``X`` is already correlation matrices [n_subjects, R, R].
 
@@ -353,7 +353,7 @@ class NetworkFeatures(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X) -> np.ndarray:
-        """Features of every subject: float32 [n_subjects, n_features_out_]."""
+        """Features of every subject: float32 ``[n_subjects, n_features_out_]``."""
         check_is_fitted(self, "n_rois_")
         r = self.n_rois_
         n = len(X)
@@ -390,7 +390,7 @@ class NetworkFeatures(TransformerMixin, BaseEstimator):
 class ConnectivityFeatures(TransformerMixin, BaseEstimator):
     """Vectorised subject connectivity (nilearn ``ConnectivityMeasure``) as a pipeline step.
 
-    Wraps :class:`nilearn.connectome.ConnectivityMeasure` with ``vectorize=True,
+    Wraps nilearn's ``ConnectivityMeasure`` with ``vectorize=True,
     discard_diagonal=True``. The "tangent" kind estimates a group mean covariance in ``fit``, which
     is why this is a transformer: inside a pipeline, that mean comes from the training fold only.
 

@@ -458,7 +458,7 @@ def edge_recovery(fc, labels, truth, *, alpha: float = 0.05, fisher: bool = True
     -------
     dict
         ``precision`` (NaN when nothing is detected), ``recall`` (NaN when ``truth`` is empty),
-        ``f1``, ``n_true``, ``n_detected``, ``n_true_positive``, ``n_edges``, ``auroc`` (|t| vs
+        ``f1``, ``n_true``, ``n_detected``, ``n_true_positive``, ``n_edges``, ``auroc`` (``|t|`` vs
         truth; NaN when truth is empty or full), and symmetric [R, R] arrays with a zero diagonal:
         ``t`` (float), ``q`` (float; 1 on the diagonal), ``detected`` (bool).
     """

@@ -5,7 +5,7 @@ encoding task: ``simulate -> prepare -> features -> fit.<model> -> evaluate -> r
 stage is cached by a key (its config + upstream keys + brainenc version), so a rerun is a no-op,
 a changed config reruns what depends on it and a killed run resumes. The generic engine
 (:mod:`brainenc.workflows.engine`) knows nothing about fMRI; each task registers its graph with
-:func:`register_task`; the ``networks`` task (:mod:`brainenc.workflows.networks`: cohort ->
+:func:`register_task`; the ``networks`` task (``brainenc.workflows.networks``: cohort ->
 samples -> folds -> pretrain -> fit.<model> -> evaluate -> report) runs once over a group.
 """
 from brainenc.workflows.engine import Stage, StageContext, StageResult, read_stage_record, run_stages, stage_key
