@@ -45,10 +45,8 @@ def haxby_dir() -> Path:
     env = os.environ.get(HAXBY_ENV, "").strip()
     if env:
         root = Path(env).expanduser()
-    else:
-        import brainenc
-
-        root = Path(brainenc.__file__).resolve().parents[1] / "data" / "haxby2001"
+    else:  # the repository's data/ folder (brainenc/datasets/haxby.py -> repository root)
+        root = Path(__file__).resolve().parents[2] / "data" / "haxby2001"
     if not (root / "bold.nii.gz").is_file():
         raise DataFormatError(f"{root}: Haxby 2001 data not found (bold.nii.gz missing); to get it: {_RECIPE}")
     return root
