@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from brainenc._utils.io import load_npy, read_json, save_npy, write_json
+from brainenc._utils.io import load_npy, read_json, save_npy, write_json, write_text
 from brainenc._utils.logging import get_logger
 from brainenc.config import from_dict, to_dict
 from brainenc.exceptions import ConfigError, DataFormatError
@@ -474,7 +474,7 @@ def _fresh_folder(folder: Path, key: str) -> None:
     if folder.exists() and (not marker.is_file() or marker.read_text().strip() != key):
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key)
+    write_text(marker, key)
 
 
 def _pretrain_rows(s: Samples, train: np.ndarray, data: str) -> list[np.ndarray]:
@@ -507,7 +507,7 @@ def _stage_pretrain(cfg: PretrainSection):
         out, files, seconds = {}, [], {}
         for name, train in units:
             folder = root / name
-            if not (folder / "config.json").is_file():
+            if not (folder / "seconds.json").is_file():  # written last: a fold killed mid-save is redone
                 t0 = time.perf_counter()
                 rows = _pretrain_rows(s, train, cfg.data)
                 log.info("pretrain %s: BrainMAE on %d series", name, len(rows))
