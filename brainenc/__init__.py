@@ -20,6 +20,7 @@ _SUBMODULES = {
     "training",
     "encoding",
     "pretraining",
+    "decoding",
     "metrics",
     "report",
     "workflows",
@@ -28,7 +29,7 @@ _SUBMODULES = {
 }
 
 #: packages whose estimators ``load`` can return (imported on first ``load``)
-_ESTIMATOR_PACKAGES = ("brainenc.encoding", "brainenc.pretraining")
+_ESTIMATOR_PACKAGES = ("brainenc.encoding", "brainenc.pretraining", "brainenc.decoding")
 
 __all__ = sorted(_SUBMODULES | {"__version__", "load", "set_log_level"})
 

@@ -34,7 +34,7 @@ from brainenc.features.backbones import (
 )
 from brainenc.features.preprocess import Preprocess
 
-__all__ = ["OpenCLIPBackbone", "DEFAULT_TAGS", "find_openclip_weights", "plan_openclip"]
+__all__ = ["OpenCLIPBackbone", "DEFAULT_TAGS", "find_openclip_weights", "plan_openclip", "build_clip_model"]
 
 #: default pretrained tag per model name
 DEFAULT_TAGS = {
@@ -253,6 +253,28 @@ def _make_openclip(name: str, cache_dir=None, **overrides) -> OpenCLIPBackbone:
     del model  # drop the text tower
     pre = _preprocess_from_cfg(pre_cfg, image_size)
     return OpenCLIPBackbone(name, visual, pre, plan.weights.identity(), plan.config)
+
+
+def build_clip_model(arch: str = "ViT-L-14-quickgelu", *, weights=None, seed: int = 0, device: str = "cpu"):
+    """A whole open_clip CLIP model (image and text towers) for metrics that call ``encode_image``.
+
+    ``weights=None`` builds ``arch`` with random weights (seeded, without touching the global RNG);
+    a path to OpenAI's TorchScript file (``ViT-L-14.pt``) goes through ``open_clip.load_openai_model``,
+    the only loader that accepts those archives; any other file is an open_clip checkpoint for ``arch``.
+    """
+    open_clip = soft_import("open_clip", "CLIP metric network", extra="clip")
+    torch = soft_import("torch", "CLIP metric network")
+    if weights is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = open_clip.create_model(arch, pretrained=None)
+        return model.to(device).eval()
+    path = check_weights_path(weights, f"CLIP model {arch!r}")
+    try:
+        model = open_clip.load_openai_model(str(path), precision="fp32", device=device)
+    except RuntimeError:
+        model = open_clip.create_model(arch, pretrained=str(path))
+    return model.to(device).eval()
 
 
 BACKBONES.register("clip:*", _make_openclip, family="open_clip", weights="user-supplied (tag in local cache or path)",
