@@ -16,7 +16,7 @@ from pathlib import Path
 
 from brainenc import __version__
 from brainenc._utils.paths import nsd_root, prepared_root, resolve_data_dir, runs_root
-from brainenc.exceptions import BrainencError
+from brainenc.exceptions import BrainencError, ConfigError
 
 EPILOG = """\
 typical session:
@@ -110,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-min", type=int, default=None, help="slurm: time limit in minutes ([resources] time_min)")
     g.add_argument("--partition", default=None, help="slurm: partition ([resources] partition)")
     g.add_argument("--no-wait", action="store_true", help="slurm: return after submitting (rerun to summarise)")
+
+    p = sub.add_parser("reconstruct", help="images from a subject's test-set fMRI, scored with the MindEye2 suite",
+                       description="Run a reconstruct pipeline (decode the test set, reconstruct in resumable "
+                                   "batches, score against a shuffled-voxels control, write PNGs + a metric table "
+                                   "into the run folder's report). Same as 'brainenc run' on a task = "
+                                   "\"reconstruct\" spec.")
+    _common(p)
+    p.add_argument("pipeline", nargs="?", default="reconstruct_quickstart",
+                   help="pipeline TOML with [pipeline] task = \"reconstruct\" (default: reconstruct_quickstart)")
+    p.add_argument("--subject", default=None, help="subject (default: subj01)")
+    p.add_argument("--out", default=None, help="run folder (default: <data root>/runs/<pipeline>/<subject>)")
+    p.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
     return parser
 
 
@@ -258,8 +270,31 @@ def _run_many(args, data_dir, nsd, stages, t0) -> int:
     return 0
 
 
+def cmd_reconstruct(args) -> int:
+    from brainenc.workflows import load_pipeline, run_pipeline
+
+    spec = load_pipeline(args.pipeline, overrides=args.overrides)
+    if spec.pipeline.task != "reconstruct":
+        raise ConfigError(f"'{args.pipeline}' is a {spec.pipeline.task!r} pipeline; 'brainenc reconstruct' runs "
+                          "specs with [pipeline] task = \"reconstruct\" (use 'brainenc run' for the others)")
+    data_dir, nsd = _roots(args)
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    t0 = time.perf_counter()
+    run_dir = run_pipeline(args.pipeline, subject=args.subject, data_dir=data_dir, nsd_root=nsd,
+                           out=args.out, overrides=args.overrides, stages=stages)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    print(f"  run folder: {run_dir}")
+    metrics = Path(run_dir) / "evaluate" / "metrics.md"
+    if metrics.exists():
+        print(metrics.read_text().rstrip())
+    report = Path(run_dir) / "report" / "index.md"
+    if report.exists():
+        print(f"  report:     {report}")
+    return 0
+
+
 COMMANDS = {"simulate": cmd_simulate, "prepare": cmd_prepare, "info": cmd_info,
-            "sys-info": cmd_sys_info, "run": cmd_run}
+            "sys-info": cmd_sys_info, "run": cmd_run, "reconstruct": cmd_reconstruct}
 
 
 def main(argv: list[str] | None = None) -> int:

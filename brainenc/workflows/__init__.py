@@ -6,7 +6,9 @@ stage is cached by a key (its config + upstream keys + brainenc version), so a r
 a changed config reruns what depends on it and a killed run resumes. The generic engine
 (:mod:`brainenc.workflows.engine`) knows nothing about fMRI; each task registers its graph with
 :func:`register_task`; the ``networks`` task (``brainenc.workflows.networks``: cohort ->
-samples -> folds -> pretrain -> fit.<model> -> evaluate -> report) runs once over a group.
+samples -> folds -> pretrain -> fit.<model> -> evaluate -> report) runs once over a group; the
+``reconstruct`` task (``brainenc.workflows.reconstruct``: simulate -> prepare -> targets -> decode
+-> lowlevel [-> semantic] -> evaluate -> report) turns a subject's test responses into images.
 """
 from brainenc.workflows.engine import Stage, StageContext, StageResult, read_stage_record, run_stages, stage_key
 from brainenc.workflows.pipeline import (
@@ -47,6 +49,12 @@ def _register_builtins() -> None:
 
     register_task("networks", networks.build_networks_graph, sections=networks.SECTIONS, per_subject=False,
                   description="subject-level classification from ROI time series: BrainMAE vs network baselines")
+
+    from brainenc.workflows import reconstruct
+
+    register_task("reconstruct", reconstruct.build_reconstruct_graph, sections=reconstruct.SECTIONS,
+                  description="images from test-set fMRI (ridge decoder -> feature inversion [-> diffusion]), "
+                              "scored with the MindEye2 metric suite")
 
 
 _register_builtins()
