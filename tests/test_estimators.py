@@ -69,6 +69,8 @@ CASES = {
     "ridge_standardized": dict(make=lambda: brainenc.encoding.RidgeEncoder(alphas=[1.0, 100.0], cv=None,
                                                                            standardize=True),
                                data=_ridge_data, bad={"dtype": "float16"}, registered="ridge"),
+    "ridge_decoder": dict(make=lambda: brainenc.decoding.RidgeDecoder(alphas=[0.1, 1.0, 10.0]),
+                          data=_ridge_data, bad={"standardize_targets": "yes"}, score="scalar"),
     "banded_ridge": dict(make=lambda: brainenc.encoding.BandedRidgeEncoder(band_sizes=[4, 6], n_iter=3, cv=3),
                          data=_ridge_data, bad={"scoring": "bogus"}),
     "routing": dict(make=lambda: brainenc.encoding.RoutingEncoder(
@@ -81,6 +83,7 @@ CASES = {
 def _load_all():
     import brainenc.encoding  # noqa: F401  (registers the encoding estimators)
     import brainenc.pretraining.brainmae  # noqa: F401  (and the pretraining ones)
+    import brainenc.decoding  # noqa: F401  (and the decoders)
 
     return sorted(ESTIMATORS)
 

@@ -7,7 +7,7 @@
   conditioned on predicted CLIP targets (MindEye2's SDXL-unCLIP with our Euler loop, Stable
   unCLIP, img2img). diffusers is imported only when these run.
 """
-from brainenc.decoding.ridge import RidgeDecoder, flatten_targets, unflatten_targets
+from brainenc.decoding.ridge import RidgeDecoder, flatten_targets, match_train_statistics, unflatten_targets
 from brainenc.decoding.lowlevel import (
     FEATURE_CNNS,
     LITE0_LAYERS,
@@ -37,6 +37,7 @@ __all__ = [
     "RidgeDecoder",
     "flatten_targets",
     "unflatten_targets",
+    "match_train_statistics",
     "FeatureCNN",
     "build_feature_cnn",
     "DeepImagePrior",

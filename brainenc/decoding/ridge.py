@@ -30,7 +30,7 @@ from brainenc.encoding.ridge import RidgeEncoder, check_xy, fit_standardizer
 from brainenc.estimator import EstimatorMixin, register_estimator
 from brainenc.exceptions import ConfigError, DataFormatError
 
-__all__ = ["RidgeDecoder", "flatten_targets", "unflatten_targets"]
+__all__ = ["RidgeDecoder", "flatten_targets", "unflatten_targets", "match_train_statistics"]
 
 _SINGLE = "__target__"
 
@@ -72,6 +72,26 @@ def unflatten_targets(flat: np.ndarray, names, shapes):
         out[name] = flat[:, start:start + size].reshape((flat.shape[0],) + tuple(shape))
         start += size
     return out[_SINGLE] if list(names) == [_SINGLE] else out
+
+
+def match_train_statistics(pred, train, eps: float = 1e-8) -> np.ndarray:
+    """Give every feature of ``pred`` [n, ...] the mean and std the training targets ``train`` [m, ...] have.
+
+    Ridge predictions are shrunk towards the mean, so an image optimised to match them drifts
+    towards the average image. Brain-Diffuser's recipe (Ozcelik & VanRullen 2023) z-scores each
+    predicted feature over the predicted set and rescales it with the training targets' mean and
+    std. Only predictions and training targets are used (never the test targets); a feature that
+    is constant over ``pred`` gets the training mean.
+    """
+    p = np.asarray(pred, np.float64)
+    t = np.asarray(train, np.float64)
+    if p.shape[1:] != t.shape[1:]:
+        raise DataFormatError(f"'pred' has per-sample shape {p.shape[1:]} but 'train' has {t.shape[1:]}")
+    f = p.reshape(len(p), -1)
+    tt = t.reshape(len(t), -1)
+    sd = f.std(0)
+    z = np.where(sd > eps, (f - f.mean(0)) / np.where(sd > eps, sd, 1.0), 0.0)
+    return (z * tt.std(0) + tt.mean(0)).reshape(p.shape).astype(np.asarray(pred).dtype)
 
 
 @register_estimator("ridge_decoder")

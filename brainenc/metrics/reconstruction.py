@@ -529,7 +529,7 @@ def feature_metric(network: str, layer, real, pred, *, weights=None, batch_size:
 
     ``layer=None`` takes the only layer of single-layer networks. ``weights``: ``"random"`` (seeded random
     init, for tests), a local weights file (tensor state dict loaded with ``weights_only=True``; the OpenAI
-    CLIP file via ``open_clip.load_openai_model``), or ``None`` → :class:`MissingWeightsError`.
+    CLIP file via ``open_clip.load_openai_model``), or ``None`` → :class:`~brainenc.exceptions.MissingWeightsError`.
     ``clip_model``: open_clip architecture name for random init (default ``"ViT-L-14-quickgelu"``; a smaller
     name such as ``"ViT-B-32"`` for tests), or a ready module with ``encode_image``.
     """
@@ -574,12 +574,12 @@ def score_reconstructions(real, pred, metrics: Sequence[str] = tuple(METRIC_NAME
     """Score reconstructions with the MindEye2 suite (recon_metrics §3, §10); each network runs once over
     all images (batched), AlexNet once for both layers.
 
-    ``metrics``: names from :data:`METRIC_NAMES` (pixcorr, ssim, alexnet2, alexnet5, inception, clip,
+    ``metrics``: names from :data:`~brainenc.metrics.RECONSTRUCTION_METRICS` (pixcorr, ssim, alexnet2, alexnet5, inception, clip,
     effnet, swav). ``weights``: ``"random"`` for every network, a mapping ``{network: path | "random"}``
-    (network names as in :data:`NETWORKS`), or ``None`` (then any network metric raises
-    :class:`MissingWeightsError`). ``blurry``: optional low-level reconstructions (same layout as ``pred``);
+    (network names as in ``NETWORKS``), or ``None`` (then any network metric raises
+    :class:`~brainenc.exceptions.MissingWeightsError`). ``blurry``: optional low-level reconstructions (same layout as ``pred``);
     when given, the evaluated image is ``(1 − blurry_blend)·pred + blurry_blend·blurry`` (§2, 0.25 = MindEye2;
-    ``blurry_blend=0`` = raw). ``sizes`` overrides entries of :data:`DEFAULT_SIZES`.
+    ``blurry_blend=0`` = raw). ``sizes`` overrides entries of ``DEFAULT_SIZES``.
     ``brain_diffuser_compat``: every network at 224 and column-wise SSIM (§5; PixCorr/SSIM still at 425).
     ``n_test``: score only the first ``n_test`` pairs (MindEye2 reports the first 1000 shared images;
     fewer images than ``n_test`` is an error, not a silent shortfall).

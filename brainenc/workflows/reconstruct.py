@@ -144,12 +144,17 @@ class DecoderSection:
     alpha_per_target : bool
     control_seed : int
         Seed of the shuffled-voxels permutation.
+    rescale : bool
+        Give each predicted feature the training targets' mean and std over the predicted set
+        (:func:`~brainenc.decoding.match_train_statistics`, Brain-Diffuser's recipe), separately for
+        the model and the control.
     """
 
     alphas: list | None = None
     cv: int | None = None
     alpha_per_target: bool = True
     control_seed: int = 0
+    rescale: bool = False
 
 
 @dataclasses.dataclass
@@ -443,6 +448,11 @@ def _stage_decode(sec: dict, loaded):
             perm = np.random.default_rng([d.control_seed, int(perm[0])]).permutation(len(te))
         files = [save_npy(folder / "control_permutation.npy", perm)]
         preds = {MODEL: dec.predict(Y[te]), CONTROL: dec.predict(Y[te][perm])}
+        if d.rescale:
+            from brainenc.decoding import match_train_statistics
+
+            preds = {name: {k: match_train_statistics(v, targets[k][tr]) for k, v in p.items()}
+                     for name, p in preds.items()}
         out: dict[str, dict[str, str]] = {}
         for name, pred in preds.items():
             out[name] = {}

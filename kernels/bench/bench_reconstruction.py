@@ -157,6 +157,8 @@ def bench_ridge(n_train: int, n_test: int, n_vox: int, n_out: int) -> dict:
     return {"n_train": n_train, "n_voxels": n_vox, "n_outputs": n_out, "ours_seconds": ours,
             "sklearn_ridgecv_seconds": anchor, "speedup": anchor / ours,
             "max_abs_diff_predictions": float(np.abs(pred - want).max()),
+            "max_abs_diff_same_alpha": float(np.abs(pred - want)[:, np.isclose(dec.best_alphas_, ref.alpha_)].max()),
+            "prediction_scale_max_abs": float(np.abs(want).max()),
             "alphas_equal_fraction": float(np.mean(np.isclose(dec.best_alphas_, ref.alpha_)))}
 
 
@@ -236,16 +238,26 @@ def main() -> None:
     p.add_argument("--clip-model", default="ViT-L-14-quickgelu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--only-ridge", action="store_true", help="rerun the ridge row only and update the JSON")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("BRAINENC_QUIET", "1")
     n = 12 if args.quick else args.n_images
     t_all = time.perf_counter()
     print("metric suite", flush=True)
-    metrics = bench_metrics(n, "ViT-B-32-quickgelu" if args.quick else args.clip_model)
+    metrics = None if args.only_ridge else bench_metrics(n, "ViT-B-32-quickgelu" if args.quick else args.clip_model)
     print("ridge decoder", flush=True)
     ridge = bench_ridge(*((120, 20, 500, 2000) if args.quick else (650, 100, 4000, 30000)))
     print(f"  ours {ridge['ours_seconds']:.2f} s, sklearn {ridge['sklearn_ridgecv_seconds']:.2f} s", flush=True)
+    if args.only_ridge:
+        path = Path(args.out) if args.out else ROOT / "kernels" / "results" / f"reconstruction_{args.device}.json"
+        old = json.loads(path.read_text())
+        old["ridge_decoder"] = ridge
+        old["ridge_decoder_rerun"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
+                                      "load_average": os.getloadavg()}
+        path.write_text(json.dumps(old, indent=2) + "\n")
+        print(f"updated {path}")
+        return
     print("feature inversion", flush=True)
     inversion = bench_inversion(args.device, args.quick)
     print("diffusion", flush=True)

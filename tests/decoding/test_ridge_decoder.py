@@ -86,3 +86,21 @@ def test_errors_name_the_argument():
     dec = RidgeDecoder(alphas=[1.0]).fit(V, T["emb"])
     with pytest.raises(DataFormatError, match="voxels|features"):
         dec.predict(V[:, :10])
+
+
+def test_match_train_statistics():
+    from brainenc.decoding import match_train_statistics
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(3.0, 2.0, (200, 4, 3))
+    pred = 0.1 * rng.standard_normal((50, 4, 3)) + 3.0
+    pred[:, 0, 0] = 1.0  # constant feature -> training mean
+    out = match_train_statistics(pred, train)
+    f, t = out.reshape(50, -1), train.reshape(200, -1)
+    np.testing.assert_allclose(f[:, 1:].std(0), t[:, 1:].std(0), rtol=1e-6)
+    np.testing.assert_allclose(f[:, 1:].mean(0), t[:, 1:].mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(f[:, 0], t[:, 0].mean(), rtol=1e-9)
+    # order within the predicted set is kept (a monotone map per feature)
+    np.testing.assert_array_equal(np.argsort(out[:, 2, 1]), np.argsort(pred[:, 2, 1]))
+    with pytest.raises(DataFormatError, match="per-sample shape"):
+        match_train_statistics(pred, train[:, :2])

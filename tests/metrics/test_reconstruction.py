@@ -312,3 +312,21 @@ def test_module_import_is_torch_free():
     code = "import sys, brainenc.metrics.reconstruction; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
+
+
+def test_score_sets_share_real_features_and_n_test(photos):
+    from brainenc.metrics import score_reconstruction_sets, score_reconstructions
+
+    n = len(photos)
+    res = score_reconstruction_sets(photos, {"same": photos, "reversed": photos[::-1]},
+                                    ["pixcorr", "alexnet2"], weights="random", n_test=n - 1)
+    assert res["n"] == n - 1 and res["options"]["n_test"] == n - 1
+    assert res["sets"]["same"]["metrics"]["alexnet2"] == 1.0
+    assert res["sets"]["reversed"]["metrics"]["alexnet2"] < 0.9
+    # one set through score_reconstruction_sets == score_reconstructions on the same first n-1 pairs
+    single = score_reconstructions(photos[:n - 1], photos[::-1][:n - 1], ["pixcorr", "alexnet2"], weights="random")
+    assert single["metrics"] == pytest.approx(res["sets"]["reversed"]["metrics"], rel=1e-9)
+    with pytest.raises(DataFormatError, match="n_test"):
+        score_reconstruction_sets(photos, {"same": photos}, ["pixcorr"], n_test=n + 1)
+    with pytest.raises(ConfigError, match="blurry"):
+        score_reconstruction_sets(photos, {"same": photos}, ["pixcorr"], blurry={"other": photos})
