@@ -75,13 +75,23 @@ def parse_prepare(table: dict, prefix: str) -> ReconPrepare:
     return ReconPrepare(config=from_dict(PrepareConfig, prep, _prefix=prefix), simulate=simulate)
 
 
-def parse_simulate(table: dict, prefix: str):
+@dataclasses.dataclass
+class ReconSimulate:
+    """``[simulate]`` parsed: the SimulationConfig (its subject comes from the run)."""
+
+    config: Any
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in to_dict(self.config).items() if k != "subject"}
+
+
+def parse_simulate(table: dict, prefix: str) -> ReconSimulate:
     """``[simulate]``: SimulationConfig keys (used when ``[prepare] simulate = true``)."""
     from brainenc.datasets.simulate import SimulationConfig
 
     if "subject" in table:
         raise ConfigError(f"'{prefix}subject': a pipeline spec does not name a subject; it comes from the run")
-    return from_dict(SimulationConfig, dict(table), _prefix=prefix)
+    return ReconSimulate(from_dict(SimulationConfig, dict(table), _prefix=prefix))
 
 
 @dataclasses.dataclass
@@ -685,7 +695,7 @@ def build_reconstruct_graph(spec, run) -> list[Stage]:
         raise MissingWeightsError(f"{len(missing)} weight file(s) named in the spec do not exist (weights are never "
                                   "downloaded; fix the paths with --set): " + "; ".join(missing))
     prep = sec["prepare"]
-    simulation = sec["simulate"]
+    simulation = sec["simulate"].config
     shim = SimpleNamespace(prepare=prep.config, simulate=prep.simulate, simulation=simulation)
     loaded = _Loaded()
     prepare_cfg = run.prepare_config(prep.config)

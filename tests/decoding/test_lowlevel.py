@@ -197,13 +197,14 @@ def test_dip_inversion_decreases_loss_and_is_deterministic(lite_random, pair):
     a, _ = pair
     with torch.no_grad():
         t = lite_random(a)
-    kw = dict(parameterization="dip", size=32, iterations=12, lr=0.01, dip_channels=8, dip_input_channels=4,
+    kw = dict(parameterization="dip", size=32, iterations=30, lr=0.01, dip_channels=8, dip_input_channels=4,
               dip_skip_channels=2, dip_scales=3)
     r1 = invert_features(t, lite_random, seed=0, **kw)
     r2 = invert_features(t, lite_random, seed=0, **kw)
     r3 = invert_features(t, lite_random, seed=1, **kw)
     assert r1.images.shape == (1, 3, 32, 32)
-    assert r1.loss_history[-1] < 0.7 * r1.loss_history[0]
+    # the input noise makes single steps noisy: compare the last five with the first
+    assert r1.loss_history[-5:].mean() < 0.7 * r1.loss_history[0]
     assert torch.equal(r1.images, r2.images)
     np.testing.assert_array_equal(r1.loss_history, r2.loss_history)
     assert not torch.equal(r1.images, r3.images)

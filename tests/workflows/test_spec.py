@@ -28,7 +28,9 @@ def test_every_pipeline_parses_into_dataclasses(path):
         for fit in spec.sections.get("fit", []):
             assert fit.build(**({"tr": 2.0} if fit.kind == "brainmae" else {})) is not None
         run = RunContext.create(spec, None, data_dir="/tmp/brainenc-unused")
-        assert run.run_dir.name == "cohort"
+        from brainenc.workflows import task_is_per_subject
+
+        assert run.run_dir.name == ("subj01" if task_is_per_subject(spec.pipeline.task) else "cohort")
         return
     assert isinstance(spec.prepare, PrepareConfig) and isinstance(spec.features, FeatureSpec)
     assert spec.fits and len({f.name for f in spec.fits}) == len(spec.fits)
