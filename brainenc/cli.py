@@ -122,6 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", default=None, help="subject (default: subj01)")
     p.add_argument("--out", default=None, help="run folder (default: <data root>/runs/<pipeline>/<subject>)")
     p.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
+
+    p = sub.add_parser("synthesize", help="images synthesised to drive a brain region (BrainDiVE)",
+                       description="Run a synthesize pipeline: fit the guiding and held-out encoders, sample the "
+                                   "diffusion prior with brain guidance for each objective and without it from the "
+                                   "same seeds (resumable per batch), score both with the held-out encoder, write "
+                                   "PNGs + JSON records and a report. Same as 'brainenc run' on a task = "
+                                   "\"synthesize\" spec; --roi/--contrast/--n override its [synthesis] table.")
+    _common(p)
+    p.add_argument("pipeline", nargs="?", default="synthesize_quickstart",
+                   help="pipeline TOML with [pipeline] task = \"synthesize\" (default: synthesize_quickstart)")
+    p.add_argument("--roi", default=None, help="one ROI to drive (e.g. FFA-1; 'A+B' unites ROIs)")
+    p.add_argument("--contrast", default=None, help="with --roi: maximise mean(ROI) - mean(CONTRAST) (e.g. OFA)")
+    p.add_argument("--n", type=int, default=None, help="images per objective (synthesis.n)")
+    p.add_argument("--subject", default=None, help="subject (default: subj01)")
+    p.add_argument("--out", default=None, help="run folder (default: <data root>/runs/<pipeline>/<subject>)")
+    p.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
+
+    p = sub.add_parser("train-prior", help="train the small pixel-space diffusion prior of the simulated scenes",
+                       description="Train a diffusers UNet2DModel (DDPM, epsilon-prediction) on the simulated "
+                                   "subject's scenes at low resolution, reproducibly (seeded; config, data identity "
+                                   "and versions recorded), and write <out>.safetensors (fp16) + <out>.json "
+                                   "(with the weights' sha256, checked at load). Resumable: checkpoints go to "
+                                   "<out>.run/. Options are PriorConfig keys via --set (e.g. --set n_images=500 "
+                                   "--set train.epochs=2).")
+    _common(p)
+    p.add_argument("--out", default=None,
+                   help="output stem (default: <data root>/priors/scene_prior32)")
+    p.add_argument("--config", default=None, help="TOML file with a [prior] table of PriorConfig keys")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in <out>.run/")
     return parser
 
 
@@ -293,8 +322,62 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def cmd_synthesize(args) -> int:
+    import json
+
+    from brainenc.workflows import load_pipeline, run_pipeline
+
+    overrides = list(args.overrides)
+    if args.contrast is not None and args.roi is None:
+        raise ConfigError("--contrast needs --roi (the objective is mean(ROI) - mean(CONTRAST))")
+    if args.roi is not None:
+        if args.contrast is not None:
+            overrides += ["synthesis.rois=[]", f"synthesis.contrasts={json.dumps([[args.roi, args.contrast]])}"]
+        else:
+            overrides += [f"synthesis.rois={json.dumps([args.roi])}", "synthesis.contrasts=[]"]
+    if args.n is not None:
+        overrides.append(f"synthesis.n={int(args.n)}")
+    spec = load_pipeline(args.pipeline, overrides=overrides)
+    if spec.pipeline.task != "synthesize":
+        raise ConfigError(f"'{args.pipeline}' is a {spec.pipeline.task!r} pipeline; 'brainenc synthesize' runs "
+                          "specs with [pipeline] task = \"synthesize\" (use 'brainenc run' for the others)")
+    data_dir, nsd = _roots(args)
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    t0 = time.perf_counter()
+    run_dir = run_pipeline(args.pipeline, subject=args.subject, data_dir=data_dir, nsd_root=nsd,
+                           out=args.out, overrides=overrides, stages=stages)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    print(f"  run folder: {run_dir}")
+    table = Path(run_dir) / "evaluate" / "table.md"
+    if table.exists():
+        print(table.read_text())
+    print(f"  report:     {Path(run_dir) / 'report' / 'index.md'}")
+    return 0
+
+
+def cmd_train_prior(args) -> int:
+    from brainenc.config import apply_overrides, from_dict, load_toml
+    from brainenc.synthesis.prior import PriorConfig, save_prior, train_prior
+
+    data_dir, _ = _roots(args)
+    base: dict = {}
+    if args.config:
+        data = load_toml(args.config)
+        base = dict(data.get("prior", data))
+    cfg = from_dict(PriorConfig, apply_overrides(base, args.overrides))
+    out = Path(args.out).expanduser() if args.out else data_dir / "priors" / "scene_prior32"
+    t0 = time.perf_counter()
+    unet, record = train_prior(cfg, run_dir=Path(f"{out}.run"), resume=not args.fresh)
+    path = save_prior(unet, record, out)
+    print(f"trained the prior in {time.perf_counter() - t0:.0f} s "
+          f"(best epoch {record['train']['best_epoch']}, val loss {record['train']['best_val_loss']:.4f})")
+    print(f"  weights + record: {path.with_suffix('.safetensors')}, {path}")
+    return 0
+
+
 COMMANDS = {"simulate": cmd_simulate, "prepare": cmd_prepare, "info": cmd_info,
-            "sys-info": cmd_sys_info, "run": cmd_run, "reconstruct": cmd_reconstruct}
+            "sys-info": cmd_sys_info, "run": cmd_run, "reconstruct": cmd_reconstruct,
+            "train-prior": cmd_train_prior, "synthesize": cmd_synthesize}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 
 from brainenc._utils.validation import check_option
 from brainenc.encoding._ridge_solvers import SCORINGS, solve_banded_ridge_cv
-from brainenc.encoding.ridge import DEFAULT_ALPHAS, check_xy
+from brainenc.encoding.ridge import DEFAULT_ALPHAS, check_xy, linear_head
 from brainenc.estimator import EstimatorMixin, register_estimator
 from brainenc.exceptions import ConfigError, DataFormatError
 
@@ -211,6 +211,30 @@ class BandedRidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         Xs = self._split_bands(X, self.band_sizes_)
         Xc = np.concatenate([x.astype(self.dtype, copy=False) for x in Xs], axis=1)
         return Xc @ self.coef_ + self.intercept_
+
+    def to_torch(self):
+        """The fitted model as a frozen torch head on the concatenated bands (what :meth:`predict` applies).
+
+        ``X @ coef_ + intercept_`` in float32 on the bands concatenated in order (``band_sizes_``;
+        no standardisation: the weights refer to the unscaled features).
+
+        Returns
+        -------
+        torch.nn.Module
+            ``forward(X [n, n_features_total]) -> [n, n_voxels]``; attributes
+            ``input_kind = "design"``, ``n_features``, ``n_outputs``, ``band_sizes``; buffers
+            only, eval mode, on the CPU.
+
+        Raises
+        ------
+        NotFittedError
+            Before ``fit``.
+        """
+        self._check_fitted()
+        head = linear_head(self.coef_, self.intercept_, estimator="banded_ridge",
+                           info={"band_sizes": list(self.band_sizes_)})
+        head.band_sizes = tuple(self.band_sizes_)
+        return head
 
     def score(self, X, Y, sample_weight=None):
         """Per-voxel R² of the predictions.

@@ -9,7 +9,7 @@ from brainenc.encoding._ridge_solvers import SCORINGS, solve_ridge_cv, solve_rid
 from brainenc.estimator import EstimatorMixin, register_estimator
 from brainenc.exceptions import ConfigError, DataFormatError
 
-__all__ = ["RidgeEncoder", "DEFAULT_ALPHAS", "fit_standardizer"]
+__all__ = ["RidgeEncoder", "DEFAULT_ALPHAS", "fit_standardizer", "linear_head"]
 
 #: Default penalty grid: 9 values from 1e-2 to 1e6 (features on the scale of z-scored units).
 DEFAULT_ALPHAS = np.logspace(-2, 6, 9)
@@ -51,6 +51,98 @@ def fit_standardizer(X: np.ndarray, enabled: bool) -> tuple[np.ndarray, np.ndarr
     mean = X.mean(axis=0)
     sd = X.std(axis=0)
     return mean.astype(dt, copy=False), np.where(sd > 1e-8, sd, 1.0).astype(dt)
+
+
+_LINEAR_HEAD = None
+
+
+def _linear_head_class():
+    """The :class:`LinearHead` module class, defined on first use (importing this module imports no torch)."""
+    global _LINEAR_HEAD
+    if _LINEAR_HEAD is not None:
+        return _LINEAR_HEAD
+    import torch
+
+    class LinearHead(torch.nn.Module):
+        """Frozen float32 linear readout ``((X - mean) / scale) @ weight + bias`` on design rows.
+
+        Everything is a buffer (no parameters): it moves with ``.to(device)`` and never trains.
+
+        Attributes
+        ----------
+        input_kind : str
+            ``"design"``: a design matrix [n, n_features] (2-D).
+        n_features, n_outputs : int
+        standardize : bool
+            Whether ``mean`` / ``scale`` are applied (False: the identity, skipped).
+        """
+
+        input_kind = "design"
+
+        def __init__(self, weight, bias, mean=None, scale=None, *, estimator: str = "", info: dict | None = None):
+            super().__init__()
+            w = torch.as_tensor(np.asarray(weight, dtype=np.float32))
+            if w.ndim != 2:
+                raise DataFormatError(f"linear head weights must be [n_features, n_outputs]; got {tuple(w.shape)}")
+            b = torch.as_tensor(np.asarray(bias, dtype=np.float32)).reshape(-1)
+            if b.numel() != w.shape[1]:
+                raise DataFormatError(f"linear head bias has {b.numel()} entries for {w.shape[1]} outputs")
+            self.n_features, self.n_outputs = int(w.shape[0]), int(w.shape[1])
+            self.standardize = mean is not None
+            self.estimator = str(estimator)
+            self.info = dict(info or {})
+            self.register_buffer("weight", w.contiguous())
+            self.register_buffer("bias", b.contiguous())
+            if self.standardize:
+                self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)).reshape(-1))
+                self.register_buffer("scale", torch.as_tensor(np.asarray(scale, dtype=np.float32)).reshape(-1))
+            self.eval()
+
+        def train(self, mode: bool = True):  # noqa: D401 - a fitted readout has no training mode
+            """Stay in eval mode whatever ``mode`` is."""
+            return super().train(False)
+
+        def forward(self, X):
+            """Responses [n, n_outputs] of design rows ``X`` [n, n_features] (gradients flow to ``X``)."""
+            if X.ndim != 2 or X.shape[1] != self.n_features:
+                raise DataFormatError(f"{self.estimator or 'linear head'}: input must be [n, {self.n_features}]; "
+                                      f"got {tuple(X.shape)}")
+            X = X.to(self.weight.dtype)
+            if self.standardize:
+                X = (X - self.mean) / self.scale
+            return X @ self.weight + self.bias
+
+        def describe(self) -> dict:
+            return {"estimator": self.estimator, "input_kind": self.input_kind, "n_features": self.n_features,
+                    "n_outputs": self.n_outputs, "standardize": self.standardize, **self.info}
+
+        def extra_repr(self) -> str:
+            return f"n_features={self.n_features}, n_outputs={self.n_outputs}, standardize={self.standardize}"
+
+    _LINEAR_HEAD = LinearHead
+    return LinearHead
+
+
+def linear_head(weight, bias, mean=None, scale=None, *, estimator: str = "", info: dict | None = None):
+    """A frozen float32 torch head ``((X - mean) / scale) @ weight + bias`` (``mean`` None: no standardisation).
+
+    Parameters
+    ----------
+    weight : array of shape (n_features, n_outputs)
+    bias : array of shape (n_outputs,)
+    mean, scale : array of shape (n_features,), optional
+    estimator : str
+        Registry name of the estimator it comes from (``describe()``).
+    info : dict, optional
+        Extra entries of ``describe()``.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``forward(X [n, n_features]) -> [n, n_outputs]``; attributes ``input_kind = "design"``,
+        ``n_features``, ``n_outputs``; buffers only, eval mode.
+    """
+    return _linear_head_class()(weight, bias, mean, scale, estimator=estimator, info=info)
 
 
 @register_estimator("ridge")
@@ -230,6 +322,34 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         """
         self._check_fitted()
         return self._transform(X).astype(self.dtype, copy=False) @ self.coef_ + self.intercept_
+
+    def to_torch(self):
+        """The fitted model as a frozen torch head on design rows (what :meth:`predict` applies).
+
+        ``((X - feature_mean_) / feature_scale_) @ coef_ + intercept_`` in float32 (the
+        standardisation only with ``standardize=True``), so it composes with a differentiable
+        feature extractor (``brainenc.features.differentiable``) and gradients flow back to ``X``.
+
+        Returns
+        -------
+        torch.nn.Module
+            ``forward(X [n, n_features]) -> [n, n_voxels]`` (``[n, 1]`` when fitted on 1-D ``Y``);
+            attributes ``input_kind = "design"``, ``n_features``, ``n_outputs``; no parameters
+            (buffers only), eval mode, on the CPU.
+
+        Raises
+        ------
+        NotFittedError
+            Before ``fit``.
+        """
+        self._check_fitted()
+        coef = np.asarray(self.coef_)
+        coef = coef[:, None] if coef.ndim == 1 else coef
+        mean = scale = None
+        if self.standardize:
+            mean, scale = self.feature_mean_, self.feature_scale_
+        return linear_head(coef, np.atleast_1d(self.intercept_), mean, scale, estimator="ridge",
+                           info={"solver": self.solver_})
 
     def score(self, X, Y, sample_weight=None):
         """Per-voxel coefficient of determination R² of the predictions.

@@ -86,6 +86,52 @@ def _is_json(value) -> bool:
     return value is None or isinstance(value, (bool, int, float, str, list, dict))
 
 
+_ROUTING_HEAD = None
+
+
+def _routing_head_class(torch):
+    """The frozen head wrapping a trained :class:`~brainenc.models.RoutingEncoderModel` (defined on first use)."""
+    global _ROUTING_HEAD
+    if _ROUTING_HEAD is not None:
+        return _ROUTING_HEAD
+
+    class RoutingHead(torch.nn.Module):
+        """Frozen routing encoder on patch tokens ``[n, n_tokens, n_features]`` -> ``[n, n_voxels]``."""
+
+        input_kind = "tokens"
+
+        def __init__(self, model, *, grid, n_voxels: int, n_features: int, n_tokens: int, info=None):
+            super().__init__()
+            self.model = model
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self.grid = (int(grid[0]), int(grid[1]))
+            self.n_outputs, self.n_features, self.n_tokens = int(n_voxels), int(n_features), int(n_tokens)
+            self.info = dict(info or {})
+            self.eval()
+
+        def train(self, mode: bool = True):  # noqa: D401 - a fitted encoder has no training mode
+            """Stay in eval mode (dropout off) whatever ``mode`` is."""
+            return super().train(False)
+
+        def forward(self, tokens):
+            if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (self.n_tokens, self.n_features):
+                raise DataFormatError(f"routing head: tokens must be [n, {self.n_tokens}, {self.n_features}]; "
+                                      f"got {tuple(tokens.shape)}")
+            return self.model(tokens.to(torch.float32))
+
+        def describe(self) -> dict:
+            return {"estimator": "routing", "input_kind": self.input_kind, "n_features": self.n_features,
+                    "n_tokens": self.n_tokens, "grid": list(self.grid), "n_outputs": self.n_outputs,
+                    "token_norm": bool(self.model.token_norm), **self.info}
+
+        def extra_repr(self) -> str:
+            return f"n_tokens={self.n_tokens}, n_features={self.n_features}, n_outputs={self.n_outputs}"
+
+    _ROUTING_HEAD = RoutingHead
+    return RoutingHead
+
+
 @register_estimator("routing")
 class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     """Transformer brain encoder: learned queries cross-attend to patch tokens, voxels read their query.
@@ -350,6 +396,42 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         self._check_fitted()
         self._check_tokens(tokens)
         return Trainer(self.model_, self._train_config()).predict(tokens, batch_size)
+
+    def to_torch(self, device=None):
+        """The trained network as a frozen torch head on patch tokens (what :meth:`predict` runs).
+
+        A copy of ``model_`` (its token standardisation included: the ``token_mean`` /
+        ``token_scale`` buffers are applied inside the module), in eval mode with every parameter
+        frozen, wrapped so that it stays in eval mode. It runs in float32 (``predict`` runs under
+        ``train.amp`` when that is on; wrap the call in ``torch.autocast`` to match it).
+
+        Parameters
+        ----------
+        device : str or torch.device, optional
+            Where the copy lives (default: the CPU).
+
+        Returns
+        -------
+        torch.nn.Module
+            ``forward(tokens [n, n_tokens, n_features]) -> [n, n_voxels]``; gradients flow back to
+            the tokens. Attributes ``input_kind = "tokens"``, ``n_features``, ``n_tokens``,
+            ``grid``, ``n_outputs``.
+
+        Raises
+        ------
+        NotFittedError
+            Before ``fit``.
+        """
+        import copy
+
+        import torch
+
+        self._check_fitted()
+        model = copy.deepcopy(self.model_).to(device if device is not None else "cpu")
+        return _routing_head_class(torch)(model, grid=self.grid_, n_voxels=self.n_voxels_,
+                                          n_features=self.n_features_, n_tokens=self.n_tokens_,
+                                          info={"queries": self.queries, "n_queries": len(self.query_names_),
+                                                "best_epoch": int(self.best_epoch_)})
 
     def score(self, tokens, Y, sample_weight=None, *, metric: str | None = None) -> np.ndarray:
         """Per-voxel score of the predictions.

@@ -186,26 +186,33 @@ class Backbone(abc.ABC):
         self.module.to(device)
         return self
 
-    def forward_layer(self, x, layer: str | int = "last", embedding: bool = False) -> BackboneOutput:
+    def forward_layer(self, x, layer: str | int = "last", embedding: bool = False, *,
+                      grad: bool = False) -> BackboneOutput:
         """Run a preprocessed batch and return the tokens of ``layer``.
 
         Parameters
         ----------
         x : torch.Tensor, float32, shape (n, 3, h, w)
-            Output of :meth:`preprocess_images`.
+            Output of :meth:`preprocess_images` (or of ``preprocess.transform`` on float images).
         layer : str or int
             See the module docstring.
         embedding : bool
             Also compute the model's own pooled embedding (runs the whole network).
+        grad : bool
+            False (default): run under ``torch.inference_mode`` (feature extraction). True: keep
+            the autograd graph, so gradients flow from the outputs back to ``x`` (the parameters
+            stay frozen; the caller's grad mode, e.g. ``torch.no_grad``, is respected).
 
         Returns
         -------
         BackboneOutput
         """
+        import contextlib
+
         import torch
 
         canonical = self.resolve_layer(layer)
-        with torch.inference_mode():
+        with (contextlib.nullcontext() if grad else torch.inference_mode()):
             if canonical == "last":
                 raw, emb = self._forward_last(x, embedding)
             else:

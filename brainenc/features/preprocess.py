@@ -1,5 +1,8 @@
 """Batched image preprocessing as torch ops (no PIL round trip).
 
+:meth:`Preprocess.transform` is the one implementation (float tensors in [0, 1], differentiable);
+:meth:`Preprocess.__call__` scales uint8 images to [0, 1] and calls it.
+
 Each backbone derives a :class:`Preprocess` from its own configuration (open_clip
 ``preprocess_cfg``, timm ``resolve_model_data_config``, EfficientNet-Lite's size and ImageNet
 statistics); :meth:`Preprocess.to_dict` is part of the feature-cache key.
@@ -79,7 +82,7 @@ class Preprocess:
         }
 
     def __call__(self, images, device="cpu"):
-        """Apply to a batch.
+        """Apply to a batch of uint8 images (the feature-extraction path).
 
         Parameters
         ----------
@@ -89,15 +92,40 @@ class Preprocess:
         Returns
         -------
         torch.Tensor, float32, shape (n, 3, size[0], size[1])
+            :meth:`transform` of the images scaled to [0, 1].
         """
         import torch
-        import torch.nn.functional as F
 
         arr = np.asarray(images)
         if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
             raise ConfigError(f"images must be uint8 [n, H, W, 3]; got {arr.dtype} {arr.shape}")
         x = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        return self.transform(x)
+
+    def transform(self, x):
+        """Resize, crop and normalise float images, differentiably (the one implementation).
+
+        Exactly the operations :meth:`__call__` applies after scaling uint8 pixels to [0, 1];
+        every op is out of place, so gradients flow back to ``x`` (bicubic overshoot is clamped
+        to [0, 1] as PIL does, which passes no gradient where it clips).
+
+        Parameters
+        ----------
+        x : torch.Tensor, floating, shape (n, 3, H, W)
+            Pixel values in [0, 1], any size; computed in ``x``'s dtype on ``x``'s device.
+
+        Returns
+        -------
+        torch.Tensor, shape (n, 3, size[0], size[1]), contiguous
+        """
+        import torch
+        import torch.nn.functional as F
+
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+            raise ConfigError(f"images must be a float tensor [n, 3, H, W] in [0, 1]; got {getattr(x, 'dtype', '')} "
+                              f"{shape}")
         H, W = x.shape[-2:]
         th, tw = self.size
         kw = {"mode": self.interpolation}
@@ -133,7 +161,7 @@ class Preprocess:
             ph, pw = th - nh, tw - nw
             x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=float(self.fill))
         if self.interpolation == "bicubic":
-            x = x.clamp_(0.0, 1.0)  # PIL clamps bicubic overshoot to the uint8 range
+            x = x.clamp(0.0, 1.0)  # PIL clamps bicubic overshoot to the uint8 range
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous()

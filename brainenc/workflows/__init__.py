@@ -8,7 +8,9 @@ a changed config reruns what depends on it and a killed run resumes. The generic
 :func:`register_task`; the ``networks`` task (``brainenc.workflows.networks``: cohort ->
 samples -> folds -> pretrain -> fit.<model> -> evaluate -> report) runs once over a group; the
 ``reconstruct`` task (``brainenc.workflows.reconstruct``: simulate -> prepare -> targets -> decode
--> lowlevel [-> semantic] -> evaluate -> report) turns a subject's test responses into images.
+-> lowlevel [-> semantic] -> evaluate -> report) turns a subject's test responses into images; the
+``synthesize`` task (``brainenc.workflows.synthesize``: simulate -> prepare -> encoders -> synthesize
+-> evaluate -> report) makes images that drive an ROI (BrainDiVE).
 """
 from brainenc.workflows.engine import Stage, StageContext, StageResult, read_stage_record, run_stages, stage_key
 from brainenc.workflows.pipeline import (
@@ -55,6 +57,12 @@ def _register_builtins() -> None:
     register_task("reconstruct", reconstruct.build_reconstruct_graph, sections=reconstruct.SECTIONS,
                   description="images from test-set fMRI (ridge decoder -> feature inversion [-> diffusion]), "
                               "scored with the MindEye2 metric suite")
+
+    from brainenc.workflows import synthesize
+
+    register_task("synthesize", synthesize.build_synthesize_graph, sections=synthesize.SECTIONS,
+                  description="BrainDiVE: images synthesised to drive an ROI, guided by a ridge encoder, scored "
+                              "by a held-out encoder against the unguided images of the same seeds")
 
 
 _register_builtins()
