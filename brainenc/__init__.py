@@ -21,6 +21,7 @@ _SUBMODULES = {
     "encoding",
     "pretraining",
     "decoding",
+    "synthesis",
     "metrics",
     "report",
     "workflows",

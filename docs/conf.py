@@ -94,7 +94,7 @@ html_show_sourcelink = False
 
 # -- API pages: one per public sub-package, from its __all__ ------------------------------------------
 #: the documented packages, in the order of the API index
-API_PACKAGES = ["datasets", "features", "encoding", "pretraining", "decoding", "models", "ops", "training", "metrics", "report",
+API_PACKAGES = ["datasets", "features", "encoding", "pretraining", "decoding", "synthesis", "models", "ops", "training", "metrics", "report",
                 "workflows", "estimator", "config", "registry", "exceptions"]
 API_DIR = HERE / "api" / "generated"
 

@@ -63,7 +63,7 @@ def test_encoding_api_page_documents_ridge_encoder(site):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pkg", ["datasets", "features", "encoding", "models", "ops", "training", "metrics",
-                                 "report", "workflows", "estimator", "config"])
+                                 "report", "workflows", "estimator", "config", "synthesis", "decoding"])
 def test_every_exported_name_is_documented(site, pkg):
     html = (site / "api" / "generated" / f"brainenc.{pkg}.html").read_text()
     module = importlib.import_module(f"brainenc.{pkg}")

@@ -34,7 +34,8 @@ from brainenc.features.backbones import (
 )
 from brainenc.features.preprocess import Preprocess
 
-__all__ = ["OpenCLIPBackbone", "DEFAULT_TAGS", "find_openclip_weights", "plan_openclip", "build_clip_model"]
+__all__ = ["OpenCLIPBackbone", "DEFAULT_TAGS", "find_openclip_weights", "plan_openclip", "build_clip_model",
+           "zero_shot_classify", "ZERO_SHOT_CATEGORIES"]
 
 #: default pretrained tag per model name
 DEFAULT_TAGS = {
@@ -275,6 +276,60 @@ def build_clip_model(arch: str = "ViT-L-14-quickgelu", *, weights=None, seed: in
     except RuntimeError:
         model = open_clip.create_model(arch, pretrained=str(path))
     return model.to(device).eval()
+
+
+#: BrainDiVE's five categories and the prompts of the zero-shot classifier (CLIP's "a photo of ..." template)
+ZERO_SHOT_CATEGORIES = {"faces": "a photo of a face", "places": "a photo of a place",
+                        "bodies": "a photo of a body", "words": "a photo of words", "food": "a photo of food"}
+
+
+def zero_shot_classify(images, model=None, *, arch: str = "ViT-B-32-quickgelu", weights=None, categories=None,
+                       batch_size: int = 32, device: str = "cpu", seed: int = 0):
+    """CLIP zero-shot category of each image (BrainDiVE §4's 5-way specificity test).
+
+    Parameters
+    ----------
+    images : uint8 array [n, H, W, 3]
+    model : open_clip CLIP model, optional
+        Built with :func:`build_clip_model` (``arch``, ``weights``, ``seed``) when None; random weights
+        (``weights=None``) test the plumbing only.
+    categories : mapping name -> prompt, optional
+        Default :data:`ZERO_SHOT_CATEGORIES`.
+
+    Returns
+    -------
+    dict
+        ``labels`` (the category names in order), ``probs`` float32 [n, k] (softmax of the scaled cosine
+        similarities), ``pred`` int64 [n].
+    """
+    import numpy as np
+
+    open_clip = soft_import("open_clip", "CLIP zero-shot classification", extra="clip")
+    torch = soft_import("torch", "CLIP zero-shot classification")
+    cats = dict(categories or ZERO_SHOT_CATEGORIES)
+    if not cats:
+        raise ConfigError("'categories' must name at least one category")
+    model = model if model is not None else build_clip_model(arch, weights=weights, seed=seed, device=device)
+    dev = next(model.parameters()).device
+    vis = model.visual
+    size = vis.image_size if isinstance(vis.image_size, (tuple, list)) else (vis.image_size, vis.image_size)
+    mean = getattr(vis, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(vis, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    pre = Preprocess(size=tuple(int(v) for v in size), resize_mode="shortest", interpolation="bicubic",
+                     mean=tuple(mean), std=tuple(std))
+    tok = open_clip.get_tokenizer(arch)
+    with torch.no_grad():
+        text = model.encode_text(tok(list(cats.values())).to(dev)).float()
+        text = text / text.norm(dim=-1, keepdim=True)
+        scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
+        probs = []
+        arr = np.asarray(images)
+        for s in range(0, len(arr), batch_size):
+            f = model.encode_image(pre(arr[s:s + batch_size], device=dev)).float()
+            f = f / f.norm(dim=-1, keepdim=True)
+            probs.append((scale * f @ text.T).softmax(-1).cpu().numpy())
+    probs = np.concatenate(probs).astype(np.float32)
+    return {"labels": list(cats), "probs": probs, "pred": probs.argmax(1).astype(np.int64)}
 
 
 BACKBONES.register("clip:*", _make_openclip, family="open_clip", weights="user-supplied (tag in local cache or path)",

@@ -1,7 +1,7 @@
 """Batched image preprocessing as torch ops (no PIL round trip).
 
 :meth:`Preprocess.transform` is the one implementation (float tensors in [0, 1], differentiable);
-:meth:`Preprocess.__call__` scales uint8 images to [0, 1] and calls it.
+``Preprocess.__call__`` scales uint8 images to [0, 1] and calls it.
 
 Each backbone derives a :class:`Preprocess` from its own configuration (open_clip
 ``preprocess_cfg``, timm ``resolve_model_data_config``, EfficientNet-Lite's size and ImageNet
@@ -106,7 +106,7 @@ class Preprocess:
     def transform(self, x):
         """Resize, crop and normalise float images, differentiably (the one implementation).
 
-        Exactly the operations :meth:`__call__` applies after scaling uint8 pixels to [0, 1];
+        Exactly the operations ``Preprocess.__call__`` applies after scaling uint8 pixels to [0, 1];
         every op is out of place, so gradients flow back to ``x`` (bicubic overshoot is clamped
         to [0, 1] as PIL does, which passes no gradient where it clips).
 

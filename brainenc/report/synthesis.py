@@ -84,6 +84,22 @@ def build_synthesis_report(out_dir: str | Path, res: Mapping, images: Mapping[st
                   f"that pairing. 'top {res['keep_fraction']:.0%}': images kept after re-ranking by the guiding "
                   f"encoder (BrainDiVE); 'natural top': the {res['natural_split']} images with the highest measured "
                   f"response of the objective ({res['n_natural']} images in all).")
+    zs = {k: v["clip_zero_shot"] for k, v in res["objectives"].items() if v.get("clip_zero_shot")}
+    if zs:
+        doc.heading("CLIP zero-shot category")
+        kinds = ("guided_kept", "guided", "unguided", "natural_top_measured")
+        zrows = []
+        for k, z in zs.items():
+            cells = [f"{z[c]['category_fraction']:.2f}" if z[c]["category_fraction"] is not None else "—"
+                     for c in kinds]
+            zrows.append([k, str(z["category"])] + cells)
+        doc.table(["objective", "category", "guided top", "guided", "unguided", "natural top"], zrows,
+                  numeric=[False, False, True, True, True, True])
+        w = next(iter(zs.values()))["weights"]
+        doc.paragraph("Fraction of images whose CLIP zero-shot class (" + ", ".join(next(iter(zs.values()))["labels"])
+                      + ") is the objective's category. " + ("CLIP has **random weights** here: the numbers test "
+                                                             "the plumbing only." if w == "random" else
+                                                             f"CLIP weights: {w}."))
     files.append(plot_guidance_effect(res, out / "figures" / "effect.png", dpi=dpi))
     doc.image("figures/effect.png", "Held-out encoder objective per objective (mean ± sd).")
     doc.heading("Images")

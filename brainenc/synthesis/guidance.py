@@ -346,7 +346,7 @@ def load_sd_prior(folder, *, dtype=torch.float32, device="cpu", scheduler="dpm-m
         Where to put the models.
     scheduler : {"dpm-multistep", "ddim"}
         Class of ``Prior.scheduler``, built from ``scheduler/scheduler_config.json`` (the noise schedule);
-        sampling uses :attr:`GuidanceConfig.scheduler`.
+        sampling uses ``GuidanceConfig.scheduler``.
     variant : str, optional
         Weight-file variant (``"fp16"`` for ``*.fp16.safetensors``).
     hash_weights : bool

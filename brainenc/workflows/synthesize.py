@@ -186,9 +186,24 @@ class SynthEvaluateSection:
     natural_split : str
         Natural images compared with the synthesised ones (the held-out encoder's objective on all of
         them, and on the top ``keep_fraction`` by the *measured* response).
+    clip : dict, optional
+        CLIP zero-shot 5-way classification (faces / places / bodies / words / food) of the kept
+        guided images, the unguided images and the top natural images: ``{arch = "ViT-B-32-quickgelu",
+        weights = "<path>"}`` (an OpenAI / open_clip checkpoint of ``arch``); ``weights = "random"``
+        runs the plumbing with random weights (no meaningful category). Objectives on a floc ROI report
+        the fraction classified as that ROI's category.
     """
 
     natural_split: str = "test"
+    clip: dict | None = None
+
+    def check(self) -> "SynthEvaluateSection":
+        if self.clip is not None:
+            unknown = set(self.clip) - {"arch", "weights", "batch_size"}
+            if unknown or "weights" not in self.clip:
+                raise ConfigError("'evaluate.clip' takes arch, weights (a path or \"random\") and batch_size; "
+                                  f"{sorted(self.clip)} was provided")
+        return self
 
 
 @dataclasses.dataclass
@@ -197,6 +212,17 @@ class SynthReportSection:
 
     n_show: int = 10
     dpi: int = 110
+
+
+_FAMILY_CATEGORY = {"floc-faces": "faces", "floc-places": "places", "floc-bodies": "bodies",
+                    "floc-words": "words"}
+
+
+def _category_of(obj) -> str | None:
+    names = (obj.describe().get("names") or [])
+    fams = {str(n).split("/")[0] for n in names}
+    cats = {_FAMILY_CATEGORY.get(f) for f in fams}
+    return cats.pop() if len(cats) == 1 else None
 
 
 def _parse_guide(table, prefix: str) -> SynthEncoderSection:
@@ -446,6 +472,17 @@ def _stage_evaluate(sec: dict, loaded):
         nat_imgs = _images(ds, nat_ids)
         nat_held_y = _predict(held, nat_imgs)
         Y = np.asarray(ds.responses, np.float32)[nat_rows]
+        clip = None
+        if ev.clip is not None:
+            from brainenc.features.openclip import build_clip_model, zero_shot_classify
+
+            w = ev.clip["weights"]
+            arch = ev.clip.get("arch", "ViT-B-32-quickgelu")
+            clip_model = build_clip_model(arch, weights=None if w == "random" else w, device=syn.device)
+
+            def clip(images):
+                return zero_shot_classify(images, clip_model, arch=arch, batch_size=int(ev.clip.get("batch_size", 32)))
+            ung_clip = clip(ung["images"])
         rows, table = [], {}
         for name, obj in objectives.items():
             def f(y):
@@ -472,6 +509,16 @@ def _stage_evaluate(sec: dict, loaded):
                 "guide": {"guided": _summ(guide_g), "unguided": _summ(guide_u)},
                 "kept_seeds": g["seeds"][keep_g].tolist(),
             }
+            if clip is not None:
+                cat = _category_of(obj)
+                zs = {"guided_kept": clip(g["images"][keep_g]), "guided": clip(g["images"]), "unguided": ung_clip,
+                      "natural_top_measured": clip(nat_imgs[top_nat])}
+                labels = zs["guided"]["labels"]
+                rec["clip_zero_shot"] = {
+                    "category": cat, "labels": labels, "weights": ev.clip["weights"],
+                    **{k: {"fraction": (np.bincount(v["pred"], minlength=len(labels)) / len(v["pred"])).tolist(),
+                           "category_fraction": (float(np.mean(np.asarray(labels)[v["pred"]] == cat))
+                                                 if cat else None)} for k, v in zs.items()}}
             table[name] = rec
             h = rec["heldout"]
             rows.append([name, f"{h['guided']['mean']:.3f} ± {h['guided']['sd']:.3f}",
@@ -529,6 +576,10 @@ def build_synthesize_graph(spec, run) -> list[Stage]:
         raise MissingWeightsError(f"synthesis.prior: {syn.prior} does not exist (weights are never downloaded: "
                                   "a local Stable Diffusion folder, a prior .json from `brainenc train-prior`, "
                                   "or \"shipped\")")
+    clip = sec["evaluate"].clip
+    if clip is not None and clip["weights"] != "random" and not Path(str(clip["weights"])).expanduser().exists():
+        raise MissingWeightsError(f"evaluate.clip.weights: {clip['weights']} does not exist (weights are never "
+                                  "downloaded; give a local CLIP checkpoint or \"random\")")
     prep = sec["prepare"]
     simulation = sec["simulate"].config
     shim = SimpleNamespace(prepare=prep.config, simulate=prep.simulate, simulation=simulation)

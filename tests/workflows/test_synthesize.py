@@ -117,8 +117,12 @@ def test_synthesize_end_to_end_resume_and_records(tmp_path):
     # the CLI verb: one ROI, a contrast, a count
     out = tmp_path / "cli"
     assert main(["--data-dir", str(data), "-q", "synthesize", str(spec), "--roi", "PPA", "--contrast", "OPA",
-                 "--n", "2", "--out", str(out)]) == 0
+                 "--n", "2", "--out", str(out), "--set", "evaluate.clip={arch='ViT-B-32-quickgelu', weights='random'}"]) == 0
     res = json.loads((out / "evaluate" / "table.json").read_text())
+    zs = res["objectives"]["PPA-minus-OPA"]["clip_zero_shot"]
+    assert zs["category"] == "places" and zs["labels"] == ["faces", "places", "bodies", "words", "food"]
+    assert sum(zs["unguided"]["fraction"]) == pytest.approx(1.0)
+    assert "CLIP zero-shot" in (out / "report" / "index.md").read_text()
     assert list(res["objectives"]) == ["PPA-minus-OPA"] and res["n"] == 2
     assert res["objectives"]["PPA-minus-OPA"]["objective"]["kind"] == "contrast"
 
@@ -136,11 +140,33 @@ def test_synthesize_spec_errors(tmp_path):
         load_pipeline(_spec(tmp_path), overrides=["synthesis.rois=[]", "synthesis.contrasts=[]"])
 
 
+def test_zero_shot_classify_picks_the_matching_prompt():
+    import torch
+
+    from brainenc.features.openclip import build_clip_model, zero_shot_classify
+
+    model = build_clip_model("ViT-B-32-quickgelu", seed=0)
+    imgs = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    out = zero_shot_classify(imgs, model, arch="ViT-B-32-quickgelu")
+    assert out["probs"].shape == (3, 5) and np.allclose(out["probs"].sum(1), 1, atol=1e-5)
+    # make the image tower return the text embedding of "food": every image must be classified food
+    import open_clip
+
+    tok = open_clip.get_tokenizer("ViT-B-32-quickgelu")
+    with torch.no_grad():
+        food = model.encode_text(tok(["a photo of food"]))
+    model.encode_image = lambda x: food.expand(x.shape[0], -1)
+    assert zero_shot_classify(imgs, model, arch="ViT-B-32-quickgelu")["pred"].tolist() == [4, 4, 4]
+
+
 def test_missing_prior_stops_before_work(tmp_path):
     with pytest.raises(MissingWeightsError, match="synthesis.prior"):
         run_pipeline(_spec(tmp_path), subject="subj01", data_dir=tmp_path / "d",
                      overrides=[f"synthesis.prior='{tmp_path / 'sd21'}'"])
     assert not (tmp_path / "d" / "nsd").exists()
+    with pytest.raises(MissingWeightsError, match="evaluate.clip.weights"):
+        run_pipeline(_spec(tmp_path), subject="subj01", data_dir=tmp_path / "d",
+                     overrides=[f"evaluate.clip={{weights='{tmp_path / 'clip.pt'}'}}"])
 
 
 def test_cli_refuses_other_tasks(tmp_path, capsys):
