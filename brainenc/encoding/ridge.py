@@ -39,6 +39,12 @@ def check_xy(X, Y=None, *, n_features: int | None = None):
     return X, (Y[:, None] if ravel else Y), ravel
 
 
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    """Rows of ``X`` divided by their L2 norm (zero rows stay zero)."""
+    n = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.maximum(n, 1e-12).astype(X.dtype)
+
+
 def fit_standardizer(X: np.ndarray, enabled: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and scale of the training rows ``X`` [n, p] (zeros and ones when disabled).
 
@@ -75,12 +81,16 @@ def _linear_head_class():
         n_features, n_outputs : int
         standardize : bool
             Whether ``mean`` / ``scale`` are applied (False: the identity, skipped).
+        unit_norm : bool
+            Rows are L2-normalised first (``RidgeEncoder(unit_norm=True)``).
         """
 
         input_kind = "design"
 
-        def __init__(self, weight, bias, mean=None, scale=None, *, estimator: str = "", info: dict | None = None):
+        def __init__(self, weight, bias, mean=None, scale=None, *, estimator: str = "", info: dict | None = None,
+                     unit_norm: bool = False):
             super().__init__()
+            self.unit_norm = bool(unit_norm)
             w = torch.as_tensor(np.asarray(weight, dtype=np.float32))
             if w.ndim != 2:
                 raise DataFormatError(f"linear head weights must be [n_features, n_outputs]; got {tuple(w.shape)}")
@@ -108,13 +118,16 @@ def _linear_head_class():
                 raise DataFormatError(f"{self.estimator or 'linear head'}: input must be [n, {self.n_features}]; "
                                       f"got {tuple(X.shape)}")
             X = X.to(self.weight.dtype)
+            if self.unit_norm:
+                X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
             if self.standardize:
                 X = (X - self.mean) / self.scale
             return X @ self.weight + self.bias
 
         def describe(self) -> dict:
             return {"estimator": self.estimator, "input_kind": self.input_kind, "n_features": self.n_features,
-                    "n_outputs": self.n_outputs, "standardize": self.standardize, **self.info}
+                    "n_outputs": self.n_outputs, "standardize": self.standardize, "unit_norm": self.unit_norm,
+                    **self.info}
 
         def extra_repr(self) -> str:
             return f"n_features={self.n_features}, n_outputs={self.n_outputs}, standardize={self.standardize}"
@@ -123,7 +136,8 @@ def _linear_head_class():
     return LinearHead
 
 
-def linear_head(weight, bias, mean=None, scale=None, *, estimator: str = "", info: dict | None = None):
+def linear_head(weight, bias, mean=None, scale=None, *, estimator: str = "", info: dict | None = None,
+                unit_norm: bool = False):
     """A frozen float32 torch head ``((X - mean) / scale) @ weight + bias`` (``mean`` None: no standardisation).
 
     Parameters
@@ -142,7 +156,7 @@ def linear_head(weight, bias, mean=None, scale=None, *, estimator: str = "", inf
         ``forward(X [n, n_features]) -> [n, n_outputs]``; attributes ``input_kind = "design"``,
         ``n_features``, ``n_outputs``; buffers only, eval mode.
     """
-    return _linear_head_class()(weight, bias, mean, scale, estimator=estimator, info=info)
+    return _linear_head_class()(weight, bias, mean, scale, estimator=estimator, info=info, unit_norm=unit_norm)
 
 
 @register_estimator("ridge")
@@ -179,6 +193,9 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     standardize : bool
         Z-score each feature with the training rows' mean and std inside ``fit`` (saved with the
         model and applied by ``predict``); ``coef_`` then refers to the standardised features.
+    unit_norm : bool
+        L2-normalise every input row first (before ``standardize``), in ``fit``, ``predict`` and
+        ``to_torch``: BrainDiVE's encoder is a linear map of the unit-norm CLIP image embedding.
 
     Attributes
     ----------
@@ -215,7 +232,7 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     def __init__(self, alphas=None, cv=5, fit_intercept: bool = True, scoring: str = "r2",
                  alpha_per_target: bool = True, solver: str = "auto", backend: str = "numpy",
                  device: str = "cpu", dtype: str = "float32", target_batch_size: int | None = None,
-                 verbose: bool = False, standardize: bool = False):
+                 verbose: bool = False, standardize: bool = False, unit_norm: bool = False):
         self.alphas = alphas
         self.cv = cv
         self.fit_intercept = fit_intercept
@@ -228,6 +245,7 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         self.target_batch_size = target_batch_size
         self.verbose = verbose
         self.standardize = standardize
+        self.unit_norm = unit_norm
 
     def _check_params(self, prefix: str = ""):
         """Validate the parameters (before any data is read); returns the (solver, alphas) to fit with."""
@@ -235,7 +253,7 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         check_option(f"{prefix}backend", self.backend, ["numpy", "torch"])
         check_option(f"{prefix}dtype", self.dtype, ["float32", "float64"])
         check_option(f"{prefix}scoring", self.scoring, list(SCORINGS))
-        for name in ("fit_intercept", "alpha_per_target", "standardize", "verbose"):
+        for name in ("fit_intercept", "alpha_per_target", "standardize", "verbose", "unit_norm"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ConfigError(f"'{prefix}{name}' must be true or false; {getattr(self, name)!r} was provided")
         if self.target_batch_size is not None and (
@@ -279,6 +297,8 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         """
         solver, alphas = self._check_params()
         X, Y2, ravel = check_xy(X, Y)
+        if self.unit_norm:
+            X = _unit_rows(X)
         mean, scale = fit_standardizer(X, self.standardize)
         if self.standardize:
             X = (X - mean) / scale
@@ -305,6 +325,8 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     def _transform(self, X) -> np.ndarray:
         """Validated X, standardised with the training statistics when ``standardize``."""
         X, _, _ = check_xy(X, n_features=self.n_features_in_)
+        if getattr(self, "unit_norm", False):
+            X = _unit_rows(X)
         if self.standardize:
             X = (X - self.feature_mean_) / self.feature_scale_
         return X
@@ -349,7 +371,7 @@ class RidgeEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
         if self.standardize:
             mean, scale = self.feature_mean_, self.feature_scale_
         return linear_head(coef, np.atleast_1d(self.intercept_), mean, scale, estimator="ridge",
-                           info={"solver": self.solver_})
+                           info={"solver": self.solver_}, unit_norm=bool(getattr(self, "unit_norm", False)))
 
     def score(self, X, Y, sample_weight=None):
         """Per-voxel coefficient of determination R² of the predictions.

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainenc._utils.io import write_json
+from brainenc._utils.io import sha256_file, write_json
 from brainenc._utils.logging import get_logger, progress
 from brainenc.config import from_dict, to_dict
 from brainenc.exceptions import ConfigError, DataFormatError, MissingWeightsError
@@ -306,14 +306,6 @@ def train_prior(cfg: PriorConfig | None = None, *, run_dir: str | Path | None = 
     return unet, record
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_prior(unet, record: dict, path: str | Path) -> Path:
     """Write ``<path>.safetensors`` (fp16 weights) and ``<path>.json`` (configs, record, sha256), atomically.
 
@@ -331,7 +323,7 @@ def save_prior(unet, record: dict, path: str | Path) -> Path:
     tmp.chmod(0o644)
     tmp.replace(weights)
     meta = dict(record)
-    meta.update({"weights_file": weights.name, "weights_sha256": _sha256(weights),
+    meta.update({"weights_file": weights.name, "weights_sha256": sha256_file(weights),
                  "unet_config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
                  "scheduler_config": prior_scheduler_config(from_dict(PriorConfig, record["config"]))
                  if "config" in record else None})
@@ -369,7 +361,7 @@ def load_prior(path: str | Path | None = None, *, device: str = "cpu", dtype: to
         raise DataFormatError(f"{path}: not a brainenc prior record ({err})") from err
     if not weights.is_file():
         raise MissingWeightsError(f"{weights}: the prior's weights file is missing")
-    got = _sha256(weights)
+    got = sha256_file(weights)
     if got != expected:
         raise DataFormatError(f"{weights}: sha256 {got[:12]}... does not match the record's {expected[:12]}... "
                               f"(changed or truncated file)")

@@ -683,21 +683,11 @@ def missing_files(sec: dict) -> list[str]:
     return [f"{k}: {v}" for k, v in paths if not Path(str(v)).expanduser().exists()]
 
 
-def build_reconstruct_graph(spec, run) -> list[Stage]:
-    """The reconstruct task's stages for ``spec`` (its ``sections``) and ``run`` (one subject).
-
-    Every weight file the spec names is checked first: a missing one stops the run before any work
-    with one line per file.
-    """
+def data_stages(sec: dict, run) -> tuple[Any, list[Stage]]:
+    """The encoding task's ``simulate`` and ``prepare`` stages for a sectioned task's ``[prepare]`` /
+    ``[simulate]`` tables; returns ``(loaded, [simulate, prepare])`` (``loaded`` opens the prepared data)."""
     from brainenc.workflows.encoding import _Loaded, _stage_prepare, _stage_simulate
 
-    sec = spec.sections
-    missing = missing_files(sec)
-    if missing:
-        from brainenc.exceptions import MissingWeightsError
-
-        raise MissingWeightsError(f"{len(missing)} weight file(s) named in the spec do not exist (weights are never "
-                                  "downloaded; fix the paths with --set): " + "; ".join(missing))
     prep = sec["prepare"]
     simulation = sec["simulate"].config
     shim = SimpleNamespace(prepare=prep.config, simulate=prep.simulate, simulation=simulation)
@@ -705,12 +695,30 @@ def build_reconstruct_graph(spec, run) -> list[Stage]:
     prepare_cfg = run.prepare_config(prep.config)
     simulate_cfg = {"subject": run.subject, "nsd_root": str(run.nsd_root), "simulate": prep.simulate,
                     "simulation": None if simulation is None else to_dict(run.simulation_config(simulation))}
+    return loaded, [
+        Stage("simulate", _stage_simulate(shim, run), simulate_cfg, volatile=True),
+        Stage("prepare", _stage_prepare(shim, run, loaded), {"prepare": prepare_cfg.key_dict()}, deps=["simulate"]),
+    ]
+
+
+def build_reconstruct_graph(spec, run) -> list[Stage]:
+    """The reconstruct task's stages for ``spec`` (its ``sections``) and ``run`` (one subject).
+
+    Every weight file the spec names is checked first: a missing one stops the run before any work
+    with one line per file.
+    """
+    sec = spec.sections
+    missing = missing_files(sec)
+    if missing:
+        from brainenc.exceptions import MissingWeightsError
+
+        raise MissingWeightsError(f"{len(missing)} weight file(s) named in the spec do not exist (weights are never "
+                                  "downloaded; fix the paths with --set): " + "; ".join(missing))
+    loaded, stages = data_stages(sec, run)
     semantic_on = sec["semantic"].route != "none"
     targets_cfg = {"targets": to_dict(sec["targets"]),
                    "semantic_route": sec["semantic"].route if semantic_on else "none"}
-    stages = [
-        Stage("simulate", _stage_simulate(shim, run), simulate_cfg, volatile=True),
-        Stage("prepare", _stage_prepare(shim, run, loaded), {"prepare": prepare_cfg.key_dict()}, deps=["simulate"]),
+    stages += [
         Stage("targets", _stage_targets(sec, loaded), targets_cfg, deps=["prepare"]),
         Stage("decode", _stage_decode(sec, loaded), to_dict(sec["decoder"]), deps=["prepare", "targets"]),
         Stage("lowlevel", _stage_lowlevel(sec), {"lowlevel": to_dict(sec["lowlevel"])},

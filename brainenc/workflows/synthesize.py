@@ -28,17 +28,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from brainenc._utils.io import load_npy, read_json, save_npy, write_json, write_text
+from brainenc._utils.io import read_json, write_json, write_text
 from brainenc._utils.logging import get_logger, progress_enabled
 from brainenc.config import from_dict, to_dict
 from brainenc.exceptions import ConfigError, DataFormatError, MissingWeightsError
 from brainenc.workflows.engine import Stage, StageContext
-from brainenc.workflows.reconstruct import _fresh_folder, _images, parse_prepare, parse_simulate
+from brainenc.workflows.reconstruct import _fresh_folder, _images, data_stages, parse_prepare, parse_simulate
 
 __all__ = ["SynthEncoderSection", "SynthesisSection", "SynthEvaluateSection", "SynthReportSection", "SECTIONS",
            "build_synthesize_graph", "objective_names", "UNGUIDED"]
@@ -69,6 +68,9 @@ class SynthEncoderSection:
     rows : {"all", "half-a", "half-b"}
         Training images used: all, or the even / odd ones of the training split (the default guide
         and held-out encoders use disjoint halves).
+    unit_norm : bool
+        L2-normalise each feature row before the ridge (:class:`~brainenc.encoding.RidgeEncoder`
+        ``unit_norm``): the paper's encoder reads the unit-norm CLIP embedding.
     """
 
     features: dict = dataclasses.field(default_factory=lambda: {"backbone": "efficientnet-lite0",
@@ -78,6 +80,7 @@ class SynthEncoderSection:
     alphas: list = dataclasses.field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0])
     cv: int = 5
     rows: str = "all"
+    unit_norm: bool = False
 
     def check(self, name: str = "guide") -> "SynthEncoderSection":
         from brainenc.features.extract import FeatureSpec
@@ -307,7 +310,7 @@ def _stage_encoders(sec: dict, run, loaded):
             rows = _train_rows(ds, enc.rows)
             X = _design(fs, enc, order)
             t0 = time.perf_counter()
-            est = RidgeEncoder(alphas=list(enc.alphas), cv=enc.cv, standardize=True).fit(X[rows], Y[rows])
+            est = RidgeEncoder(alphas=list(enc.alphas), cv=enc.cv, standardize=True, unit_norm=enc.unit_norm).fit(X[rows], Y[rows])
             r = pearson_r(Y[te], est.predict(X[te]))
             roi_r = {k: float(np.nanmean(r[m])) for k, m in masks.items() if m.any()}
             folder = ctx.run_dir / "encoders" / role
@@ -568,8 +571,6 @@ def build_synthesize_graph(spec, run) -> list[Stage]:
 
     A prior path that does not exist stops the run before any work.
     """
-    from brainenc.workflows.encoding import _Loaded, _stage_prepare, _stage_simulate
-
     sec = spec.sections
     syn: SynthesisSection = sec["synthesis"]
     if syn.prior != "shipped" and not Path(syn.prior).expanduser().exists():
@@ -580,18 +581,10 @@ def build_synthesize_graph(spec, run) -> list[Stage]:
     if clip is not None and clip["weights"] != "random" and not Path(str(clip["weights"])).expanduser().exists():
         raise MissingWeightsError(f"evaluate.clip.weights: {clip['weights']} does not exist (weights are never "
                                   "downloaded; give a local CLIP checkpoint or \"random\")")
-    prep = sec["prepare"]
-    simulation = sec["simulate"].config
-    shim = SimpleNamespace(prepare=prep.config, simulate=prep.simulate, simulation=simulation)
-    loaded = _Loaded()
-    prepare_cfg = run.prepare_config(prep.config)
-    simulate_cfg = {"subject": run.subject, "nsd_root": str(run.nsd_root), "simulate": prep.simulate,
-                    "simulation": None if simulation is None else to_dict(run.simulation_config(simulation))}
+    loaded, stages = data_stages(sec, run)
     enc_cfg = {"guide": to_dict(sec["guide"]), "heldout": to_dict(sec["heldout"])}
     syn_cfg = {k: v for k, v in to_dict(syn).items() if k not in ("keep_fraction",)}
-    return [
-        Stage("simulate", _stage_simulate(shim, run), simulate_cfg, volatile=True),
-        Stage("prepare", _stage_prepare(shim, run, loaded), {"prepare": prepare_cfg.key_dict()}, deps=["simulate"]),
+    return stages + [
         Stage("encoders", _stage_encoders(sec, run, loaded), enc_cfg, deps=["prepare"]),
         Stage("synthesize", _stage_synthesize(sec, loaded), syn_cfg, deps=["prepare", "encoders"]),
         Stage("evaluate", _stage_evaluate(sec, loaded), {"evaluate": to_dict(sec["evaluate"]),

@@ -132,3 +132,23 @@ def test_routing_head_equals_predict(tmp_path, standardize_tokens, queries):
 def test_routing_head_not_fitted():
     with pytest.raises(NotFittedError):
         RoutingEncoder().to_torch()
+
+
+def test_ridge_unit_norm_rows_in_fit_predict_and_head():
+    import torch
+
+    from brainenc.encoding import RidgeEncoder
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((80, 12)) * rng.uniform(0.5, 3.0, (80, 1))   # rows of different norms
+    Y = X / np.linalg.norm(X, axis=1, keepdims=True) @ rng.standard_normal((12, 5))
+    est = RidgeEncoder(alphas=[1e-3, 1.0], cv=4, unit_norm=True, standardize=True).fit(X, Y)
+    ref = RidgeEncoder(alphas=[1e-3, 1.0], cv=4, standardize=True).fit(X / np.linalg.norm(X, axis=1, keepdims=True), Y)
+    p = est.predict(X)
+    np.testing.assert_allclose(p, ref.predict(X / np.linalg.norm(X, axis=1, keepdims=True)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(est.predict(3.0 * X), p, rtol=1e-5, atol=1e-6)     # scale-free
+    head = est.to_torch()
+    with torch.no_grad():
+        h = head(torch.from_numpy(X).float()).numpy()
+    np.testing.assert_allclose(h, p, rtol=1e-4, atol=1e-4 * p.std())
+    assert head.describe()["unit_norm"] is True

@@ -165,7 +165,8 @@ def test_guided_step_per_image_gradient_does_not_depend_on_the_batch(sd):
     t = torch.tensor(501)
     both, _ = guided_step(sd, x, t, enc, ROI, 100.0)
     one, _ = guided_step(sd, x[1:2], t, enc, ROI, 100.0)
-    torch.testing.assert_close(both[1:2], one, rtol=1e-5, atol=1e-6)
+    # float32 kernels differ with the batch size (and the ISA): tolerance scaled to the quantity
+    torch.testing.assert_close(both[1:2], one, rtol=1e-4, atol=1e-5 * float(one.abs().max()))
 
 
 def test_gradient_checkpointing_gives_the_same_step(sd):
@@ -242,6 +243,13 @@ def test_result_record(sd):
     assert p.requires_grad and enc.training           # the encoder's state is restored
 
 
+def _same_image(x, y):
+    """Equal up to float differences of batched kernels (ISA / batch size dependent): <= 2 uint8 levels,
+    and on average far below one level."""
+    d = np.abs(x.astype(int) - y.astype(int))
+    return d.max() <= 2 and d.mean() < 0.05
+
+
 @pytest.mark.parametrize("kind", ["sd", "pixel"])
 def test_determinism_and_batch_independence(kind, request):
     prior = request.getfixturevalue(kind)
@@ -251,13 +259,13 @@ def test_determinism_and_batch_independence(kind, request):
     assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["values"], b["values"])
     one = synthesize(prior, RegionMeans(), ROI, [6], cfg1)
     torch.testing.assert_close(initial_noise(prior, [5, 6, 7])[1:2], initial_noise(prior, [6]), rtol=0, atol=0)
-    assert np.array_equal(a["images"][1], one["images"][0])
+    assert _same_image(a["images"][1], one["images"][0])
     other = synthesize(prior, RegionMeans(), ROI, [5, 9, 7], cfg3)
-    assert np.array_equal(a["images"][[0, 2]], other["images"][[0, 2]])
-    assert not np.array_equal(a["images"][1], other["images"][1])
+    assert _same_image(a["images"][[0, 2]], other["images"][[0, 2]])
+    assert not _same_image(a["images"][1], other["images"][1])
     # a batch size that does not divide the seeds
     two = synthesize(prior, RegionMeans(), ROI, [5, 6, 7], _cfg(scale=100.0, batch_size=2))
-    assert np.array_equal(a["images"], two["images"])
+    assert _same_image(a["images"], two["images"])
 
 
 def test_sag_runs_changes_the_output_and_restores_the_processor(sd):

@@ -26,6 +26,7 @@ simulate = true
 [guide]
 features = {{ backbone = "efficientnet-lite0", layer = "blocks.15", image_size = 64 }}
 rows = "half-a"
+unit_norm = true
 alphas = [10.0, 1000.0, 100000.0]
 
 [heldout]
