@@ -299,33 +299,36 @@ def _run_many(args, data_dir, nsd, stages, t0) -> int:
     return 0
 
 
-def cmd_reconstruct(args) -> int:
+def _run_task(args, task: str, table: str, overrides: list[str]) -> int:
+    """Run a task-specific pipeline verb (``brainenc reconstruct`` / ``synthesize``) and print its table."""
     from brainenc.workflows import load_pipeline, run_pipeline
 
-    spec = load_pipeline(args.pipeline, overrides=args.overrides)
-    if spec.pipeline.task != "reconstruct":
-        raise ConfigError(f"'{args.pipeline}' is a {spec.pipeline.task!r} pipeline; 'brainenc reconstruct' runs "
-                          "specs with [pipeline] task = \"reconstruct\" (use 'brainenc run' for the others)")
+    spec = load_pipeline(args.pipeline, overrides=overrides)
+    if spec.pipeline.task != task:
+        raise ConfigError(f"'{args.pipeline}' is a {spec.pipeline.task!r} pipeline; 'brainenc {task}' runs "
+                          f"specs with [pipeline] task = \"{task}\" (use 'brainenc run' for the others)")
     data_dir, nsd = _roots(args)
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     t0 = time.perf_counter()
     run_dir = run_pipeline(args.pipeline, subject=args.subject, data_dir=data_dir, nsd_root=nsd,
-                           out=args.out, overrides=args.overrides, stages=stages)
+                           out=args.out, overrides=overrides, stages=stages)
     print(f"done in {time.perf_counter() - t0:.1f} s")
     print(f"  run folder: {run_dir}")
-    metrics = Path(run_dir) / "evaluate" / "metrics.md"
-    if metrics.exists():
-        print(metrics.read_text().rstrip())
+    path = Path(run_dir) / "evaluate" / table
+    if path.exists():
+        print(path.read_text().rstrip())
     report = Path(run_dir) / "report" / "index.md"
     if report.exists():
         print(f"  report:     {report}")
     return 0
 
 
+def cmd_reconstruct(args) -> int:
+    return _run_task(args, "reconstruct", "metrics.md", list(args.overrides))
+
+
 def cmd_synthesize(args) -> int:
     import json
-
-    from brainenc.workflows import load_pipeline, run_pipeline
 
     overrides = list(args.overrides)
     if args.contrast is not None and args.roi is None:
@@ -337,22 +340,7 @@ def cmd_synthesize(args) -> int:
             overrides += [f"synthesis.rois={json.dumps([args.roi])}", "synthesis.contrasts=[]"]
     if args.n is not None:
         overrides.append(f"synthesis.n={int(args.n)}")
-    spec = load_pipeline(args.pipeline, overrides=overrides)
-    if spec.pipeline.task != "synthesize":
-        raise ConfigError(f"'{args.pipeline}' is a {spec.pipeline.task!r} pipeline; 'brainenc synthesize' runs "
-                          "specs with [pipeline] task = \"synthesize\" (use 'brainenc run' for the others)")
-    data_dir, nsd = _roots(args)
-    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    t0 = time.perf_counter()
-    run_dir = run_pipeline(args.pipeline, subject=args.subject, data_dir=data_dir, nsd_root=nsd,
-                           out=args.out, overrides=overrides, stages=stages)
-    print(f"done in {time.perf_counter() - t0:.1f} s")
-    print(f"  run folder: {run_dir}")
-    table = Path(run_dir) / "evaluate" / "table.md"
-    if table.exists():
-        print(table.read_text())
-    print(f"  report:     {Path(run_dir) / 'report' / 'index.md'}")
-    return 0
+    return _run_task(args, "synthesize", "table.md", overrides)
 
 
 def cmd_train_prior(args) -> int:

@@ -156,10 +156,7 @@ class SynthesisSection:
     def guidance(self):
         from brainenc.synthesis import GuidanceConfig
 
-        return GuidanceConfig(steps=self.steps, scale=self.scale, scheduler=self.scheduler,
-                              sag_scale=self.sag_scale, gradient_checkpointing=self.gradient_checkpointing,
-                              dtype=self.dtype, batch_size=self.batch_size, augment=self.augment,
-                              max_shift=self.max_shift)
+        return GuidanceConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GuidanceConfig)})
 
     def check(self) -> "SynthesisSection":
         self.guidance().check()
@@ -281,8 +278,8 @@ def _design(fs, enc: SynthEncoderSection, order: np.ndarray) -> np.ndarray:
     from brainenc.features.pooling import pool_grid
 
     if enc.inputs == "pooled":
-        return np.asarray(fs.pooled[np.sort(order)], np.float32)[np.argsort(np.argsort(order))]
-    tok = np.asarray(fs.tokens[np.sort(order)], np.float32)[np.argsort(np.argsort(order))]
+        return np.asarray(fs.pooled[order], np.float32)
+    tok = np.asarray(fs.tokens[order], np.float32)
     if enc.grid_pool:
         return pool_grid(tok, fs.grid, enc.grid_pool, fs.n_prefix)
     return tok.reshape(tok.shape[0], -1)
@@ -437,11 +434,11 @@ def _predict(encoder, images_u8: np.ndarray, batch: int = 32) -> np.ndarray:
     with torch.no_grad():
         for s in range(0, len(images_u8), batch):
             x = torch.from_numpy(np.ascontiguousarray(images_u8[s:s + batch])).permute(0, 3, 1, 2).float() / 255
-            out.append(encoder(x.to(encoder_device(encoder))).float().cpu().numpy())
+            out.append(encoder(x.to(_encoder_device(encoder))).float().cpu().numpy())
     return np.concatenate(out)
 
 
-def encoder_device(module):
+def _encoder_device(module):
     try:
         return next(module.parameters()).device
     except StopIteration:
@@ -494,7 +491,7 @@ def _stage_evaluate(sec: dict, loaded):
             if not np.array_equal(g["seeds"], ung["seeds"]):
                 raise DataFormatError(f"{name}: guided and unguided seeds differ; rerun the synthesize stage")
             held_g, held_u = f(_predict(held, g["images"])), f(ung_held_y)
-            guide_g, guide_u = f(_predict(guide, g["images"])), f(ung_guide_y)
+            guide_g, guide_u = g["values"].astype(np.float64), f(ung_guide_y)   # stored by synthesize
             keep_g = rerank(guide_g, syn.keep_fraction)
             keep_u = rerank(guide_u, syn.keep_fraction)
             measured = f(Y)
