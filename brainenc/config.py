@@ -22,7 +22,7 @@ from brainenc.exceptions import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["from_dict", "to_dict", "load_toml", "apply_overrides", "config_hash", "canonical_json"]
+__all__ = ["from_dict", "nested_config", "to_dict", "load_toml", "apply_overrides", "config_hash", "canonical_json"]
 
 
 def _is_optional(tp) -> tuple[bool, Any]:
@@ -123,6 +123,41 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, _prefix: str = ""
     if callable(check):
         check()
     return obj
+
+
+def nested_config(cls: type[T], value: Any, name: str, prefix: str = "", base: Mapping[str, Any] | None = None) -> T:
+    """A validated copy of a nested config table (an estimator's ``model`` / ``train`` parameter).
+
+    Parameters
+    ----------
+    cls : dataclass type
+    value : None, a ``cls`` instance or a mapping of its fields
+        None = ``base`` alone; a mapping overrides ``base`` field by field; an instance is copied
+        (a fitted model never aliases the parameter) and checked.
+    name, prefix : str
+        Error messages name ``prefix + name + '.' + field``.
+    base : mapping, optional
+        Field values under the mapping (e.g. a preset's).
+    """
+    full = f"{prefix}{name}."
+    try:
+        if value is None:
+            return from_dict(cls, dict(base or {}), _prefix=full)
+        if isinstance(value, cls):
+            out = dataclasses.replace(value)
+            check = getattr(out, "check", None)
+            if callable(check):
+                check()
+            return out
+        if isinstance(value, Mapping):
+            return from_dict(cls, {**dict(base or {}), **value}, _prefix=full)
+    except ConfigError as exc:  # a dataclass check() names the bare field: add the table's path
+        msg = str(exc)
+        if msg.startswith("'") and not msg.startswith("'" + full):
+            raise ConfigError("'" + full + msg[1:]) from None
+        raise
+    raise ConfigError(f"'{prefix}{name}' must be None, a {cls.__name__} or a mapping of its fields; "
+                      f"{type(value).__name__} was provided")
 
 
 def to_dict(obj: Any) -> Any:

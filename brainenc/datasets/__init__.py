@@ -15,6 +15,10 @@ import importlib
 from brainenc.registry import Registry
 
 __all__ = ["DATASETS", "load_dataset"]
+#: several prepared subjects as one dataset (brainenc.datasets.multisubject), imported on first use
+_MULTISUBJECT = ("MultiSubjectDataset", "ExampleTable", "PaddedResponses", "FeatureRows", "feature_rows",
+                 "load_multisubject")
+__all__ += list(_MULTISUBJECT)
 
 DATASETS = Registry("dataset")
 
@@ -51,9 +55,12 @@ def load_dataset(name: str, *args, **kwargs):
 
 _LAZY = {"layout", "nsd", "prepare", "splits", "noise_ceiling", "algonauts", "mindeye2", "simulate", "cohort",
          "timeseries", "haxby"}
+_LAZY.add("multisubject")
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _MULTISUBJECT:
+        return getattr(importlib.import_module(f"{__name__}.multisubject"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

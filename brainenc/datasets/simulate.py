@@ -28,6 +28,11 @@ FFA-1, OPA, PPA, EBA, VWFA-1) responding to the visible area of their category w
 (position invariant), weakly tuned remaining nsdgeneral voxels, and noise-only voxels outside
 nsdgeneral; per-voxel SNR, trial noise with a shared (global) component, and per-session
 additive offsets and multiplicative scales. Same seed -> byte-identical files.
+
+Several subjects of one root share the design, the stimuli and the functional organisation (pRF maps
+and category blobs are placed in normalised hemisphere coordinates); with ``anatomy_jitter > 0`` each
+subject also gets its own anatomy (hemi-ellipsoid radii, centres, overall SNR) from a subject-specific
+random stream, so voxel counts, positions and SNR differ between subjects (see :func:`subject_anatomy`).
 """
 from __future__ import annotations
 
@@ -66,6 +71,7 @@ __all__ = [
     "simulate_subject",
     "make_design",
     "compute_ncsnr",
+    "subject_anatomy",
 ]
 
 _log = get_logger("simulate")
@@ -144,6 +150,15 @@ class SimulationConfig:
         Write ``nsd_stim_info_merged.csv`` (§1.3; ~11 MB).
     write_hemi_rois : bool
         Also write ``lh.FAMILY.nii.gz`` / ``rh.FAMILY.nii.gz``.
+    anatomy_jitter : float
+        Between-subject anatomical variability, in [0, 0.3] (0 = every subject has the reference
+        anatomy). When > 0, a subject-specific random stream scales the hemi-ellipsoid radii by
+        ``exp(N(0, jitter))`` each, shifts each hemisphere's centre by ``N(0, jitter / 2)`` radii per axis
+        and multiplies ``snr_median`` by ``exp(N(0, jitter))``: voxel counts, voxel positions and SNR
+        then differ between subjects while the functional organisation (in normalised hemisphere
+        coordinates) stays the same. Not a design key: subjects of one root may use different values.
+        The realised anatomy is in the ground truth (``anatomy/*``) and the manifest
+        (``subjects.<subject>.anatomy``); see :func:`subject_anatomy`.
     """
 
     subject: str = "subj01"
@@ -162,6 +177,7 @@ class SimulationConfig:
     write_hdf5_betas: bool = False
     write_stim_info: bool = True
     write_hemi_rois: bool = True
+    anatomy_jitter: float = 0.0
 
     def __post_init__(self):
         self.check()
@@ -187,7 +203,7 @@ class SimulationConfig:
         self.grid = grid
         for name, lo, hi in (("snr_median", 1e-3, 100.0), ("snr_spread", 0.0, 3.0),
                              ("noise_correlation", 0.0, 0.99), ("session_offset_sd", 0.0, 20.0),
-                             ("session_scale_sd", 0.0, 1.0)):
+                             ("session_scale_sd", 0.0, 1.0), ("anatomy_jitter", 0.0, 0.3)):
             v = getattr(self, name)
             if not (lo <= v <= hi):
                 raise ConfigError(f"'{name}' must be in [{lo}, {hi}]; {v!r} was provided")
@@ -361,8 +377,58 @@ def _affine(shape: tuple[int, int, int], r: float = 1.8) -> np.ndarray:
     return aff
 
 
-def _make_brain(cfg: SimulationConfig, rng: np.random.Generator) -> dict:
+#: key of the subject-specific anatomy's random stream (a stream of its own: the others are unchanged by it)
+_ANATOMY_STREAM = 0xA7A7
+
+
+def subject_anatomy(cfg: SimulationConfig) -> dict:
+    """The realised anatomy of ``cfg.subject``: hemi-ellipsoid radii and centres, SNR factor.
+
+    With ``anatomy_jitter == 0`` this is the reference anatomy of the grid (``radii = (0.215 X, 0.45 Y,
+    0.40 Z)`` voxels, hemisphere centres at ``(0.27 (X-1) | 0.73 (X-1), (Y-1)/2, (Z-1)/2)``, SNR factor 1).
+    Otherwise a subject-specific stream ``default_rng([seed, subject index + 1, 0xA7A7])`` draws, in
+    this order, 3 radius factors ``exp(N(0, j))``, a (2, 3) centre shift ``N(0, j / 2)`` in units of the
+    (jittered) radii and an SNR factor ``exp(N(0, j))``.
+
+    Returns
+    -------
+    dict
+        ``radii`` float64 (3,) voxels (x, y, z); ``centre`` float64 (2, 3) voxel coordinates, row 0 = lh,
+        1 = rh; ``radius_factor`` (3,); ``centre_shift`` (2, 3) in radii; ``snr_factor`` float;
+        ``snr_median`` float (``cfg.snr_median * snr_factor``); ``jitter`` float.
+    """
+    X, Y, Z = cfg.grid
+    radii = np.array([0.215 * X, 0.45 * Y, 0.40 * Z])
+    centre = np.array([[0.27 * (X - 1), (Y - 1) / 2, (Z - 1) / 2],
+                       [0.73 * (X - 1), (Y - 1) / 2, (Z - 1) / 2]])
+    factor, shift, snr_factor = np.ones(3), np.zeros((2, 3)), 1.0
+    j = float(cfg.anatomy_jitter)
+    if j > 0:
+        sidx = layout.SUBJECTS.index(cfg.subject)
+        rng = np.random.default_rng([cfg.seed, sidx + 1, _ANATOMY_STREAM])
+        factor = np.exp(rng.normal(0.0, j, 3))
+        shift = rng.normal(0.0, j / 2, (2, 3))
+        snr_factor = float(np.exp(rng.normal(0.0, j)))
+        radii = radii * factor
+        centre = centre + shift * radii[None, :]
+    return {"radii": radii, "centre": centre, "radius_factor": factor, "centre_shift": shift,
+            "snr_factor": snr_factor, "snr_median": cfg.snr_median * snr_factor, "jitter": j}
+
+
+def _grid_hint(cfg: SimulationConfig) -> str:
+    """What to change when a (jittered) anatomy is too small for the grid."""
+    if cfg.anatomy_jitter > 0:
+        an = subject_anatomy(cfg)
+        f = ", ".join(f"{v:.2f}" for v in an["radius_factor"])
+        return (f"; raise 'grid' or lower 'anatomy_jitter' ({cfg.anatomy_jitter} scales {cfg.subject}'s radii "
+                f"by ({f}) and moves its centres by up to {np.abs(an['centre_shift']).max():.2f} radii)")
+    return "; raise 'grid'"
+
+
+def _make_brain(cfg: SimulationConfig, rng: np.random.Generator, anatomy: dict | None = None) -> dict:
     """Anatomy, ROIs and voxel tuning on the simulated grid.
+
+    ``anatomy`` is :func:`subject_anatomy`'s dict (default: computed from ``cfg``).
 
     Returns
     -------
@@ -372,11 +438,17 @@ def _make_brain(cfg: SimulationConfig, rng: np.random.Generator) -> dict:
         nsdgeneral voxels in C order, and per-voxel tuning arrays of length n_vox.
     """
     X, Y, Z = cfg.grid
+    anatomy = subject_anatomy(cfg) if anatomy is None else anatomy
     i, j, k = np.meshgrid(np.arange(X), np.arange(Y), np.arange(Z), indexing="ij")
     hemi = (i >= X / 2).astype(np.int8)  # LPI storage: low i = left
-    cx = np.where(hemi == 0, 0.27 * (X - 1), 0.73 * (X - 1))
-    rx, ry, rz = 0.215 * X, 0.45 * Y, 0.40 * Z
-    cy, cz = (Y - 1) / 2, (Z - 1) / 2
+    cen = anatomy["centre"]  # (2, 3): lh, rh centres (the reference anatomy: same y, z for both)
+    rx, ry, rz = (float(r) for r in anatomy["radii"])
+    cx = np.where(hemi == 0, cen[0, 0], cen[1, 0])
+    if cfg.anatomy_jitter > 0:
+        cy = np.where(hemi == 0, cen[0, 1], cen[1, 1])
+        cz = np.where(hemi == 0, cen[0, 2], cen[1, 2])
+    else:  # scalars, as always: the reference anatomy's files stay byte-identical
+        cy, cz = float(cen[0, 1]), float(cen[0, 2])
     lat = (i - cx) / rx * np.where(hemi == 0, -1, 1)  # +1 lateral surface, -1 medial wall
     t = (j - cy) / ry                                  # -1 occipital pole .. +1 frontal pole
     kz = (k - cz) / rz                                 # -1 inferior .. +1 superior
@@ -385,7 +457,8 @@ def _make_brain(cfg: SimulationConfig, rng: np.random.Generator) -> dict:
     cortex = (rho <= 1.0) & (rho > 0.6)
     nsdgeneral = cortex & (t < -0.15) & (kz < 0.75)
     if nsdgeneral.sum() < 200:
-        raise ConfigError(f"'grid' {cfg.grid} is too small: {int(nsdgeneral.sum())} nsdgeneral voxels")
+        raise ConfigError(f"'grid' {cfg.grid} is too small: {int(nsdgeneral.sum())} nsdgeneral voxels "
+                          f"(at least 200 needed){_grid_hint(cfg)}")
 
     vox = np.argwhere(nsdgeneral)  # C order == np.nonzero order
     n_vox = len(vox)
@@ -405,7 +478,7 @@ def _make_brain(cfg: SimulationConfig, rng: np.random.Generator) -> dict:
     for h in (0, 1):
         sel = np.flatnonzero(early & (v_hemi == h))
         if sel.size < 20:
-            raise ConfigError(f"'grid' {cfg.grid} is too small for the early visual ROIs")
+            raise ConfigError(f"'grid' {cfg.grid} is too small for the early visual ROIs{_grid_hint(cfg)}")
         band = _rank01(-v_t[sel])  # 1 at the pole .. 0 anterior
         ventral = v_kz[sel] < 0
         a = np.select([band > 0.65, band > 0.38, band > 0.15], [0, 1, 2], default=3)
@@ -442,8 +515,8 @@ def _make_brain(cfg: SimulationConfig, rng: np.random.Generator) -> dict:
         for fam, lab, w, (dl, dt, dk) in _CATEGORY_ROIS:
             d = np.array([dl, dt, dk])
             d = 0.85 * d / np.linalg.norm(d)
-            cxh = 0.27 * (X - 1) if h == 0 else 0.73 * (X - 1)
-            target = np.array([cxh + d[0] * rx * (-1 if h == 0 else 1), cy + d[1] * ry, cz + d[2] * rz])
+            cxh, cyh, czh = (float(c) for c in cen[h])
+            target = np.array([cxh + d[0] * rx * (-1 if h == 0 else 1), cyh + d[1] * ry, czh + d[2] * rz])
             dd = np.linalg.norm(coords[sel] - target, axis=1)
             dists.append(dd)
         dists = np.stack(dists, axis=1)
@@ -452,7 +525,8 @@ def _make_brain(cfg: SimulationConfig, rng: np.random.Generator) -> dict:
         for q, (fam, lab, w, _) in enumerate(_CATEGORY_ROIS):
             members = sel[ok & (best == q)]
             if members.size < 3:
-                raise ConfigError(f"'grid' {cfg.grid} is too small for the {layout.LABEL_TABLES[fam][lab]} ROI")
+                raise ConfigError(f"'grid' {cfg.grid} is too small for the {layout.LABEL_TABLES[fam][lab]} ROI"
+                                  f"{_grid_hint(cfg)}")
             labels[fam][members] = lab
             model[members] = MODEL_CATEGORY
             cat_w[members] = np.asarray(w) * rng.uniform(0.7, 1.3, (members.size, len(w)))
@@ -469,7 +543,7 @@ def _make_brain(cfg: SimulationConfig, rng: np.random.Generator) -> dict:
                      [rng.uniform(1.5, 3.5, n_vox), rng.uniform(1.5, 3.0, n_vox)],
                      default=rng.uniform(0.5, 1.5, n_vox))
     baseline = rng.uniform(0.5, 2.0, n_vox)
-    snr = cfg.snr_median * np.where(mixed, 0.5, 1.0) * np.exp(rng.normal(0, cfg.snr_spread, n_vox))
+    snr = anatomy["snr_median"] * np.where(mixed, 0.5, 1.0) * np.exp(rng.normal(0, cfg.snr_spread, n_vox))
     snr = np.clip(snr, 0.02, 5.0)
 
     rois = {}
@@ -604,6 +678,27 @@ def _design_config(cfg: SimulationConfig) -> dict:
     return {k: getattr(cfg, k) for k in DESIGN_KEYS}
 
 
+def _config_dict(cfg: SimulationConfig) -> dict:
+    """The config as stored in the manifest and the ground truth.
+
+    ``anatomy_jitter`` is left out at its default 0 so that the reference simulation's files stay
+    byte-identical to those written before the field existed (an absent key means 0).
+    """
+    d = to_dict(cfg)
+    if not d.get("anatomy_jitter"):
+        d.pop("anatomy_jitter", None)
+    return d
+
+
+def _anatomy_record(anatomy: dict) -> dict:
+    """JSON form of :func:`subject_anatomy` (manifest ``subjects.<subject>.anatomy``)."""
+    return {"jitter": anatomy["jitter"], "radii": [float(v) for v in anatomy["radii"]],
+            "centre": [[float(v) for v in row] for row in anatomy["centre"]],
+            "radius_factor": [float(v) for v in anatomy["radius_factor"]],
+            "centre_shift": [[float(v) for v in row] for row in anatomy["centre_shift"]],
+            "snr_factor": float(anatomy["snr_factor"]), "snr_median": float(anatomy["snr_median"])}
+
+
 def _check_target(root: Path, cfg: SimulationConfig, overwrite: bool) -> dict | None:
     """Refuse to clobber a real NSD release, another design, or an existing subject."""
     man = layout.simulation_manifest(root)
@@ -701,7 +796,7 @@ def _simulate(root: Path, cfg: SimulationConfig, overwrite: bool) -> SimulationR
                 "brainenc_version": __version__})
     man["subjects"] = dict(man.get("subjects", {}))
     man["subjects"][subj] = {"n_sessions": cfg.n_sessions, "complete": False}
-    man["config"] = to_dict(cfg)
+    man["config"] = _config_dict(cfg)
     manifest_path = root / layout.SIMULATION_MANIFEST
     write_json(manifest_path, man)
     _remove_subject_files(root, subj)
@@ -767,7 +862,8 @@ def _simulate(root: Path, cfg: SimulationConfig, overwrite: bool) -> SimulationR
 
     # ---- brain, ROIs, mask
     rng = np.random.default_rng([cfg.seed, sidx + 1, 0xB8A1])
-    brain = _make_brain(cfg, rng)
+    anatomy = subject_anatomy(cfg)  # its own stream: with jitter 0 nothing is drawn
+    brain = _make_brain(cfg, rng, anatomy)
     clean = _clean_responses(brain, energy, fractions)  # (n_img, n_vox)
     signal_sd = clean.std(axis=0)
     noise_sd_v = signal_sd / brain["snr"]
@@ -851,7 +947,7 @@ def _simulate(root: Path, cfg: SimulationConfig, overwrite: bool) -> SimulationR
 
         f.attrs["subject"] = subj
         f.attrs["seed"] = cfg.seed
-        f.attrs["config"] = json.dumps(to_dict(cfg), sort_keys=True)
+        f.attrs["config"] = json.dumps(_config_dict(cfg), sort_keys=True)
         f.attrs["categories"] = json.dumps(list(_scenes.CATEGORIES))
         f.attrs["roi_names"] = json.dumps({fam: layout.LABEL_TABLES[fam] for fam in ROI_FAMILIES})
         f.attrs["units"] = "responses in percent signal change (PSC); betas files store round(PSC * 300)"
@@ -886,6 +982,11 @@ def _simulate(root: Path, cfg: SimulationConfig, overwrite: bool) -> SimulationR
         put("voxels/ncsnr", ncs[ng_in_brain])
         put("clean_responses", clean.astype(np.float32), compression="gzip", compression_opts=4,
             chunks=(min(n_img, 64), clean.shape[1]))
+        if cfg.anatomy_jitter > 0:  # (absent = the reference anatomy: subject_anatomy(cfg) with jitter 0)
+            f.attrs["anatomy"] = json.dumps(_anatomy_record(anatomy), sort_keys=True)
+            for key in ("radii", "centre", "radius_factor", "centre_shift"):
+                put(f"anatomy/{key}", np.asarray(anatomy[key], dtype=np.float64))
+            put("anatomy/snr_factor", np.float64(anatomy["snr_factor"]))
     files["ground_truth"] = gt
 
     shas = {str(p.relative_to(root)): sha256_file(p) for p in files.values()}
@@ -895,6 +996,8 @@ def _simulate(root: Path, cfg: SimulationConfig, overwrite: bool) -> SimulationR
         "n_nsdgeneral_voxels": int(len(brain["vox"])), "n_brain_voxels": int(n_brain),
         "ground_truth": gt.name, "files": shas,
     }
+    if cfg.anatomy_jitter > 0:
+        man["subjects"][subj]["anatomy"] = _anatomy_record(anatomy)
     write_json(manifest_path, man)
     secs = time.perf_counter() - t0
     _log.info("simulated %s: %d sessions, %d images, %d nsdgeneral voxels in %.1f s",

@@ -27,7 +27,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 
 from brainenc._utils.tensors import load_module_state
 from brainenc._utils.validation import check_array, check_option
-from brainenc.config import from_dict, to_dict
+from brainenc.config import from_dict, nested_config, to_dict
 from brainenc.estimator import (
     CONFIG_FILE,
     EstimatorMixin,
@@ -64,22 +64,6 @@ def _infer_grid(n_tokens: int) -> tuple[int, int]:
     if s * s != n_tokens:
         raise ConfigError(f"'grid' cannot be inferred from {n_tokens} tokens (not a square); pass grid=(h, w)")
     return (s, s)
-
-
-def _nested(cls, value, name: str, prefix: str = "", base: Mapping[str, Any] | None = None):
-    """A validated copy of the nested config ``value`` (None, a ``cls`` instance or a mapping of its
-    fields over ``base``, the preset's fields)."""
-    base = dict(base or {})
-    if value is None:
-        return from_dict(cls, base, _prefix=f"{prefix}{name}.")
-    if isinstance(value, cls):
-        out = dataclasses.replace(value)  # a copy: the fitted model never aliases the parameter
-        out.check()
-        return out
-    if isinstance(value, Mapping):
-        return from_dict(cls, {**base, **value}, _prefix=f"{prefix}{name}.")
-    raise ConfigError(f"'{prefix}{name}' must be None, a {cls.__name__} or a mapping of its fields; "
-                      f"{type(value).__name__} was provided")
 
 
 def _is_json(value) -> bool:
@@ -238,12 +222,12 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
     def _arch(self, prefix: str = ""):
         from brainenc.models import RoutingArchitecture
 
-        return _nested(RoutingArchitecture, self.model, "model", prefix, base=self._preset(prefix)[0])
+        return nested_config(RoutingArchitecture, self.model, "model", prefix, base=self._preset(prefix)[0])
 
     def _train_config(self, prefix: str = ""):
         from brainenc.training import TrainConfig
 
-        return _nested(TrainConfig, self.train, "train", prefix, base=self._preset(prefix)[1])
+        return nested_config(TrainConfig, self.train, "train", prefix, base=self._preset(prefix)[1])
 
     def _check_params(self, prefix: str = ""):
         """Validate every parameter; returns the (RoutingArchitecture, TrainConfig) to fit with."""

@@ -28,6 +28,8 @@ from brainenc.metrics.reconstruction import (
     ssim_skimage,
     two_way_identification,
 )
+from brainenc.metrics.retrieval import feature_retrieval, similarity_matrix, top1_retrieval
+from brainenc.metrics.retrieval import two_way_identification as two_way_from_similarity
 from brainenc.registry import Registry
 
 #: Image-reconstruction metric name -> (network, layer), in MindEye2's table order (network None:
@@ -63,4 +65,8 @@ __all__ = [
     "score_reconstructions",
     "score_reconstruction_sets",
     "RECONSTRUCTION_METRICS",
+    "similarity_matrix",
+    "top1_retrieval",
+    "two_way_from_similarity",
+    "feature_retrieval",
 ]

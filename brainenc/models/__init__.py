@@ -13,6 +13,17 @@ from typing import Any, Mapping
 
 from brainenc.config import from_dict, to_dict
 from brainenc.exceptions import ConfigError
+from brainenc.models.brainit import (
+    TINY_BRAINIT,
+    TINY_UNIVERSAL_ENCODER,
+    BrainIT,
+    BrainITArchitecture,
+    BrainTokenizer,
+    UniversalEncoderArchitecture,
+    UniversalEncoderModel,
+    VoxelEmbedding,
+    segment_softmax,
+)
 from brainenc.models.brainmae import (
     TINY_BRAINMAE,
     BrainMAEArchitecture,
@@ -27,6 +38,15 @@ from brainenc.models.routing_encoder import CrossAttention, DecoderLayer, Routin
 from brainenc.registry import Registry
 
 __all__ = [
+    "UniversalEncoderArchitecture",
+    "UniversalEncoderModel",
+    "VoxelEmbedding",
+    "BrainITArchitecture",
+    "BrainIT",
+    "BrainTokenizer",
+    "segment_softmax",
+    "TINY_UNIVERSAL_ENCODER",
+    "TINY_BRAINIT",
     "BrainMAEArchitecture",
     "BrainMAEPretrainModel",
     "BrainMAEFinetuneModel",
@@ -76,6 +96,45 @@ MODELS.register("routing_encoder_voxels", _routing_factory({}, voxels_only=True)
                 description="one query per voxel (no query set), linear-readout routing variant")
 MODELS.register("routing_encoder_tiny", _routing_factory({"d_model": 32, "n_heads": 4, "d_ffn": 64}),
                 description="tiny test variant")
+
+
+def _brainit_encoder_factory(defaults: Mapping[str, Any]):
+    def factory(config: Mapping[str, Any] | UniversalEncoderArchitecture | None = None, query_set=None, *,
+                layer_shapes, voxel_counts, **overrides) -> UniversalEncoderModel:
+        if query_set is not None:
+            raise ConfigError("'query_set' must be None for the Brain-IT universal encoder (one embedding per voxel)")
+        base = dict(defaults)
+        base.update(to_dict(config) if isinstance(config, UniversalEncoderArchitecture) else dict(config or {}))
+        base.update(overrides)
+        return UniversalEncoderModel(from_dict(UniversalEncoderArchitecture, base), layer_shapes=layer_shapes,
+                                     voxel_counts=voxel_counts)
+
+    return factory
+
+
+def _brainit_factory(defaults: Mapping[str, Any]):
+    def factory(config: Mapping[str, Any] | BrainITArchitecture | None = None, query_set=None, *,
+                voxel_counts, n_clusters: int, n_queries: int, out_dim: int, **overrides) -> BrainIT:
+        if query_set is not None:
+            raise ConfigError("'query_set' must be None for BrainIT (its output queries are learned)")
+        base = dict(defaults)
+        base.update(to_dict(config) if isinstance(config, BrainITArchitecture) else dict(config or {}))
+        base.update(overrides)
+        return BrainIT(from_dict(BrainITArchitecture, base), voxel_counts=voxel_counts, n_clusters=n_clusters,
+                       n_queries=n_queries, out_dim=out_dim)
+
+    return factory
+
+
+#: Brain-IT (reference_systems.md b.1, b.3): sizes are keywords (layer_shapes + voxel_counts; voxel_counts +
+#: n_clusters + n_queries + out_dim); faithful defaults, tiny test variants
+MODELS.register("brainit_encoder", _brainit_encoder_factory({}),
+                description="Brain-IT universal encoder: per-voxel embeddings query each layer's tokens")
+MODELS.register("brainit_encoder_tiny", _brainit_encoder_factory(TINY_UNIVERSAL_ENCODER),
+                description="tiny test variant")
+MODELS.register("brainit", _brainit_factory({}),
+                description="Brain Interaction Transformer: cluster tokenizer + self/cross blocks, output queries")
+MODELS.register("brainit_tiny", _brainit_factory(TINY_BRAINIT), description="tiny test variant")
 
 
 def create_model(name: str, config: Mapping[str, Any] | None = None, query_set: QuerySet | None = None,

@@ -27,7 +27,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, Transfo
 from brainenc._utils.logging import get_logger
 from brainenc._utils.tensors import WeightsMismatchError, load_module_state
 from brainenc._utils.validation import check_option
-from brainenc.config import from_dict, to_dict
+from brainenc.config import from_dict, nested_config, to_dict
 from brainenc.estimator import (
     EstimatorMixin,
     register_estimator,
@@ -323,31 +323,6 @@ def _check_pos(value, name: str, *, optional: bool = False) -> float | None:
     return float(value)
 
 
-def _nested(cls, value, name: str, prefix: str = "", base: Mapping[str, Any] | None = None):
-    """A validated copy of the nested config ``value`` over ``base``; errors name ``prefix + name + '.' + field``."""
-    try:
-        return _nested_raw(cls, value, name, prefix, base)
-    except ConfigError as exc:
-        msg, full = str(exc), f"{prefix}{name}."
-        if msg.startswith("'") and not msg.startswith("'" + full):
-            raise ConfigError("'" + full + msg[1:]) from None
-        raise
-
-
-def _nested_raw(cls, value, name: str, prefix: str = "", base: Mapping[str, Any] | None = None):
-    base = dict(base or {})
-    if value is None:
-        return from_dict(cls, base, _prefix=f"{prefix}{name}.")
-    if isinstance(value, cls):
-        out = dataclasses.replace(value)
-        out.check()
-        return out
-    if isinstance(value, Mapping):
-        return from_dict(cls, {**base, **value}, _prefix=f"{prefix}{name}.")
-    raise ConfigError(f"'{prefix}{name}' must be None, a {cls.__name__} or a mapping of its fields; "
-                      f"{type(value).__name__} was provided")
-
-
 def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     n_val = int(round(fraction * n))
     if n_val < 1 or n - n_val < 1:
@@ -376,7 +351,7 @@ class _Base(EstimatorMixin, BaseEstimator):
     def _train_config(self, prefix: str = ""):
         from brainenc.training import TrainConfig
 
-        return _nested(TrainConfig, self.train, "train", prefix, base=TRAIN_DEFAULTS)
+        return nested_config(TrainConfig, self.train, "train", prefix, base=TRAIN_DEFAULTS)
 
     def _check_common(self, prefix: str) -> None:
         _check_pos(self.tr, f"{prefix}tr", optional=True)
@@ -498,7 +473,7 @@ class BrainMAE(TransformerMixin, _Base):
     def _arch(self, prefix: str = ""):
         from brainenc.models.brainmae import BrainMAEArchitecture
 
-        return _nested(BrainMAEArchitecture, self.model, "model", prefix)
+        return nested_config(BrainMAEArchitecture, self.model, "model", prefix)
 
     def _model_json(self):
         return to_dict(self._arch())
@@ -690,7 +665,7 @@ class _BrainMAEFinetune(_Base):
     def _arch_over(self, base: Mapping[str, Any], prefix: str = ""):
         from brainenc.models.brainmae import BrainMAEArchitecture
 
-        return _nested(BrainMAEArchitecture, self._model_json(), "model", prefix, base=base)
+        return nested_config(BrainMAEArchitecture, self._model_json(), "model", prefix, base=base)
 
     def _resolve(self):
         """(arch, n_rois or None, segment length, stride, standardize, encoder state or None)."""

@@ -4,6 +4,14 @@ one-page summary (``index.md`` + ``index.html``), built from plain arrays.
 Entry point: :func:`build_report` with :class:`ReportInputs` and :class:`ReportOptions`.
 matplotlib and nilearn are imported only when a figure is drawn.
 """
+from brainenc.report.brainit import (
+    DecodeReportInputs,
+    build_decode_report,
+    cluster_figure,
+    decode_table,
+    transfer_figure,
+    write_cluster_maps,
+)
 from brainenc.report.build import ReportInputs, ReportOptions, build_report
 from brainenc.report.document import Document
 from brainenc.report.maps import values_to_surface, values_to_volume, write_map
@@ -20,4 +28,10 @@ __all__ = [
     "roi_table",
     "markdown_table",
     "write_roi_table",
+    "DecodeReportInputs",
+    "build_decode_report",
+    "write_cluster_maps",
+    "cluster_figure",
+    "transfer_figure",
+    "decode_table",
 ]

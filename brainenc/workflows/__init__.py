@@ -64,6 +64,12 @@ def _register_builtins() -> None:
                   description="BrainDiVE: images synthesised to drive an ROI, guided by a ridge encoder, scored "
                               "by a held-out encoder against the unguided images of the same seeds")
 
+    from brainenc.workflows import decode
+
+    register_task("decode", decode.build_decode_graph, sections=decode.SECTIONS, per_subject=False,
+                  description="Brain-IT: universal encoder, functional clusters, BIT decoders vs ridge on many "
+                              "subjects, one-session transfer to a new subject")
+
 
 _register_builtins()
 
