@@ -55,6 +55,28 @@ def _brainmae(cls_name, **kw):
                                  train={"epochs": 2, "batch_size": 4, "device": "cpu"}, **kw)
 
 
+def _brainit_enc_data(rng):
+    tokens = [rng.standard_normal((24, 4, 5)).astype(np.float32), rng.standard_normal((24, 2, 3)).astype(np.float32)]
+    Y = np.zeros((24, 9), np.float32)
+    Y[:, :9] = tokens[0][:, 0, :] @ rng.standard_normal((5, 9))
+    Y[1::2, 6:] = 0.0  # subject 1 has 6 voxels (zero padding)
+    return (tokens,), Y
+
+
+_BRAINIT_SUBJ = {"subject": np.arange(24) % 2, "voxel_counts": [9, 6]}
+
+
+def _brainit_dec_data(rng):
+    Y = rng.standard_normal((24, 9)).astype(np.float32)
+    return (Y, np.arange(24) % 2), (Y[:, :3, None] * np.ones((1, 1, 4))).astype(np.float32)
+
+
+def _brainit_clusters_data(rng):
+    return ([rng.standard_normal((20, 3)), rng.standard_normal((15, 3)) + 2],), ["a", "b"]
+
+
+_TINY_BIT = {"width": 8, "heads": 2, "n_self": 1}
+
 #: per case: ``method`` (what the fitted estimator outputs, default predict) and ``score``
 #: ("voxels": shape [n_outputs], "scalar": sklearn's accuracy / R², None: no score)
 CASES = {
@@ -77,6 +99,17 @@ CASES = {
         queries="rois", model={"d_model": 8, "n_heads": 2, "d_ffn": 16},
         train={"epochs": 2, "batch_size": 8, "device": "cpu"}, val_fraction=0.2),
         data=_routing_data, fit=_ROUTING_FIT, bad={"queries": "bogus"}),
+    "brainit_encoder": dict(make=lambda: brainenc.decoding.UniversalBrainEncoder(
+        model={"embed_dim": 4, "token_dim": 4}, train={"epochs": 2, "batch_size": 8}, voxels_per_example=5),
+        data=_brainit_enc_data, fit=_BRAINIT_SUBJ, bad={"cos_weight": -1.0}, score=None,
+        out=lambda est, args: est.predict(args[0], 1)),
+    "brainit_clusters": dict(make=lambda: brainenc.decoding.FunctionalClusters(n_clusters=2, covariance_type="diag"),
+                             data=_brainit_clusters_data, bad={"covariance_type": "bogus"}, score=None,
+                             out=lambda est, args: est.assign(np.eye(3))[0]),
+    "brainit": dict(make=lambda: brainenc.decoding.BrainITDecoder(
+        model=_TINY_BIT, train={"epochs": 2, "batch_size": 8, "warmup_epochs": 1}, voxels_per_example=7),
+        data=_brainit_dec_data, fit={"voxel_counts": [9, 6], "clusters": np.arange(15) % 3, "n_clusters": 3},
+        bad={"loss": "l1"}, score=None, out=lambda est, args: est.predict(args[0], 0)),
 }
 
 
@@ -95,6 +128,8 @@ def test_every_estimator_has_a_case():
 
 
 def _out(c, est, args):
+    if "out" in c:  # multi-subject estimators: the output of one subject
+        return np.asarray(c["out"](est, args))
     return np.asarray(getattr(est, c.get("method", "predict"))(*args))
 
 

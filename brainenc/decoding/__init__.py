@@ -33,7 +33,21 @@ from brainenc.decoding.diffusion import (
     unclip_reconstruct,
 )
 
+from brainenc.decoding.brainit import (
+    BrainITDecoder,
+    FunctionalClusters,
+    UniversalBrainEncoder,
+    concat_token_scales,
+    maps_to_tokens,
+    sample_voxels,
+)
 __all__ = [
+    "UniversalBrainEncoder",
+    "FunctionalClusters",
+    "BrainITDecoder",
+    "concat_token_scales",
+    "maps_to_tokens",
+    "sample_voxels",
     "RidgeDecoder",
     "flatten_targets",
     "unflatten_targets",

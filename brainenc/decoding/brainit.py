@@ -15,7 +15,7 @@ Three estimators, each with the package's contract (sklearn parameters, ``save_p
 Both networks are trained by :class:`~brainenc.training.Trainer` with the objectives of this module
 (:class:`VoxelSubsetRegression`, :class:`TokenDecoding`), so checkpoints, bitwise resume, AMP and DDP
 come from the trainer. Training data are *lazy*: per-example responses come from
-:class:`~brainenc.datasets.multisubject.PaddedResponses` (memmap rows, zero-padded to the largest
+:class:`~brainenc.datasets.PaddedResponses` (memmap rows, zero-padded to the largest
 subject) and features from the feature cache by image id; nothing is loaded whole.
 
 Transfer (b.7): :meth:`UniversalBrainEncoder.fit_new_subject` and :meth:`BrainITDecoder.fit_new_subject`
@@ -455,7 +455,7 @@ class UniversalBrainEncoder(EstimatorMixin, BaseEstimator):
             Backbone tokens per layer for every example (lazy views welcome).
         responses : array [n, V_max]
             Responses of each example's subject in its first ``voxel_counts[subject]`` columns (e.g.
-            :class:`~brainenc.datasets.multisubject.PaddedResponses`).
+            :class:`~brainenc.datasets.PaddedResponses`).
         subject : int array [n]
             Subject index of each example.
         voxel_counts : int sequence [S]

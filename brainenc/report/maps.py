@@ -85,10 +85,11 @@ def values_to_volume(values, geometry: Mapping, fill: float = 0.0) -> np.ndarray
 
 
 def surface_size(geometry: Mapping) -> int:
-    """Vertices per hemisphere: ``geometry["n_vertices"]`` if given, else 163842 for ``fsaverage``,
-    else one more than the largest vertex index."""
+    """Vertices per hemisphere: ``geometry["n_vertices"]`` if given (one number, or ``[n_lh, n_rh]`` as
+    a prepared dataset stores it: the larger), else 163842 for ``fsaverage``, else one more than the
+    largest vertex index."""
     if "n_vertices" in geometry:
-        return int(geometry["n_vertices"])
+        return int(np.max(np.atleast_1d(np.asarray(geometry["n_vertices"], dtype=np.int64))))
     vertex = np.asarray(geometry["vertex"], dtype=np.int64)
     if geometry.get("space") == "fsaverage" and (vertex.size == 0 or vertex.max() < FSAVERAGE_VERTICES):
         return FSAVERAGE_VERTICES

@@ -260,3 +260,12 @@ def test_report_module_imports_no_higher_layer():
     mods += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in mods if m.split(".")[:2] in (["brainenc", "workflows"], ["brainenc", "encoding"],
                                                            ["brainenc", "decoding"])]
+
+
+def test_surface_size_accepts_the_prepared_per_hemisphere_list():
+    from brainenc.report.maps import surface_size, values_to_surface
+
+    geo = {"space": "fsaverage", "n_vertices": [12, 12], "hemi": np.array(["lh", "rh"]), "vertex": np.array([3, 11])}
+    assert surface_size(geo) == 12
+    out = values_to_surface(np.array([1.0, 2.0]), geo)
+    assert out["lh"][3] == 1.0 and out["rh"][11] == 2.0 and out["lh"].shape == (12,)
