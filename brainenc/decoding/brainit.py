@@ -381,7 +381,7 @@ class UniversalBrainEncoder(EstimatorMixin, BaseEstimator):
     model : UniversalEncoderArchitecture or mapping, optional
         Network hyper-parameters (:class:`~brainenc.models.brainit.UniversalEncoderArchitecture`).
     train : TrainConfig or mapping, optional
-        Over :data:`ENCODER_TRAIN` (the paper's Adam with amsgrad, 1e-3, batch 32, 30 epochs).
+        Over ``ENCODER_TRAIN`` (the paper's Adam with amsgrad, 1e-3, batch 32, 30 epochs).
     voxels_per_example : int
         Voxels drawn (with replacement) per training image; the paper: 5000.
     cos_weight : float
@@ -395,7 +395,8 @@ class UniversalBrainEncoder(EstimatorMixin, BaseEstimator):
     subjects_ : list of str
     voxel_counts_ : list of int
     layer_shapes_ : list of (n_tokens, dim)
-    history_, best_epoch_, val_scores_ : training record (val_scores_: per-voxel r [sum V], subject order)
+    history_, best_epoch_, val_scores_ : the training record
+        ``val_scores_``: validation per-voxel r [sum V], in subject order.
 
     Examples
     --------
@@ -766,7 +767,7 @@ class BrainITDecoder(EstimatorMixin, BaseEstimator):
     model : BrainITArchitecture or mapping, optional
         :class:`~brainenc.models.brainit.BrainITArchitecture` (width 512, 8 heads, 5 blocks).
     train : TrainConfig or mapping, optional
-        Over :data:`DECODER_TRAIN` (AdamW 5e-4, warm-up then cosine).
+        Over ``DECODER_TRAIN`` (AdamW 5e-4, warm-up then cosine).
     loss : {'mse', 'infonce'}
         ``mse``: the semantic branch; ``infonce``: the low-level branch's multi-scale InfoNCE.
     voxels_per_example : int

@@ -25,7 +25,8 @@ computed over chunks of ``voxel_chunk`` voxels, so [b, K, P_l] is never held for
 BIT (b.3)::
 
     x_v  = β_v e'_v                                        voxel tokens [b, K, w] (own VoxelEmbedding)
-    h_c  = Σ_{v in c} α_v Wv x_v + W_skip u_c,  α = softmax over the members of c of (Wq u_c)·(Wk x_v)/√w
+    h_c  = Σ_{v in c} α_v (Wv x_v + bv) + W_skip u_c,  α = softmax over the members of c of q_c·k_v/√w,
+           q_c = Wq u_c + bq,  k_v = Wk x_v + bk  (computed with Wk, Wv moved onto the cluster side)
     b_c  = LN(ReLU(h_c))                                   brain tokens [b, C, w]  (BrainTokenizer)
     X    = X0 (learned [M, w], or rows query_index of it)
     X    = Cross_0(X, b);  for i in 1..n_self:  b = Self_i(b);  X = Cross_i(X, b)
@@ -424,13 +425,25 @@ class BrainTokenizer(nn.Module):
         h_c = Σ_{v in c} α_v val_v + W_skip u_c        (an empty cluster: h_c = W_skip u_c)
         b_c = LN(ReLU(h_c))
 
-    Linear in K: ``q`` is gathered per voxel ([b, K, w]) and the messages summed per cluster with
-    ``scatter_add`` (float32); no [b, C, K] tensor is formed.
+    Computed without applying ``Wk`` / ``Wv`` to the K voxel tokens (the same numbers, by linearity):
+    ``q_c · k_v = (Wkᵀ q_c) · x_v + q_c · bk``, so the [C, w] rows ``Wkᵀ q_c`` are gathered per voxel
+    ([b, K, w]); and ``Σ α_v val_v = Wv (Σ α_v x_v) + bv Σ α_v``, so the messages ``α_v x_v`` are summed
+    per cluster (``index_add``) before the value map. Work and memory are linear in K with O(b·K·w)
+    elementwise work (no K·w² matmul) and no [b, C, K] tensor; everything runs in float32
+    (autocast off).
 
     Parameters
     ----------
     width : int
     n_clusters : int
+
+    Attributes
+    ----------
+    cluster_embed : Parameter [n_clusters, width]
+        ``u``.
+    q, k, v, skip : nn.Linear
+        ``Wq``, ``Wk``, ``Wv``, ``W_skip`` (width -> width, with bias).
+    norm : nn.LayerNorm
     """
 
     def __init__(self, width: int, n_clusters: int):
@@ -458,22 +471,27 @@ class BrainTokenizer(nn.Module):
 
         Returns
         -------
-        Tensor [b, n_clusters, width]
+        Tensor float32 [b, n_clusters, width]
         """
         b, n, w = x.shape
+        C = self.n_clusters
         if w != self.width or cluster.shape != (b, n):
             raise DataFormatError(f"'x' must be [b, K, {self.width}] and 'cluster' [b, K]; got {tuple(x.shape)} "
                                   f"and {tuple(cluster.shape)}")
-        u = self.cluster_embed
-        q = self.q(u)                                  # [C, w]
-        k, val = self.k(x), self.v(x)                  # [b, K, w]
-        qv = Fn.embedding(cluster, q)                  # [b, K, w]: each voxel's cluster query
-        scores = (qv.float() * k.float()).sum(-1) / math.sqrt(self.width)
-        alpha = segment_softmax(scores, cluster, self.n_clusters)
-        msg = alpha.unsqueeze(-1) * val.float()
-        h = msg.new_zeros(b, self.n_clusters, w).scatter_add(1, cluster.unsqueeze(-1).expand(b, n, w), msg)
-        h = h + self.skip(u).float()
-        return self.norm(torch.relu(h))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            u = self.cluster_embed.float()
+            q = Fn.linear(u, self.q.weight.float(), self.q.bias.float())          # [C, w]
+            qk = q @ self.k.weight.float()                                        # [C, w]  rows Wkᵀ q_c
+            qb = q @ self.k.bias.float()                                          # [C]     q_c · bk
+            xf = x.float()
+            scores = ((Fn.embedding(cluster, qk) * xf).sum(-1) + qb[cluster]) / math.sqrt(w)
+            alpha = segment_softmax(scores, cluster, C)                           # [b, K]
+            flat = (cluster + C * torch.arange(b, device=cluster.device)[:, None]).reshape(-1)
+            pooled = xf.new_zeros(b * C, w).index_add(0, flat, (alpha.unsqueeze(-1) * xf).reshape(b * n, w))
+            mass = alpha.new_zeros(b * C).index_add(0, flat, alpha.reshape(-1))  # Σ_{v in c} α_v (1, or 0 if empty)
+            h = (Fn.linear(pooled, self.v.weight.float()) + mass[:, None] * self.v.bias.float()).view(b, C, w)
+            h = h + Fn.linear(u, self.skip.weight.float(), self.skip.bias.float())
+            return Fn.layer_norm(torch.relu(h), (w,), self.norm.weight.float(), self.norm.bias.float(), self.norm.eps)
 
 
 # --------------------------------------------------------------------------------------------

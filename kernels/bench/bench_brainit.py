@@ -11,7 +11,7 @@
    K, no [b, C, K]) against the dense masked-attention anchor (``[b, C, K]`` scores, membership mask,
    softmax over K, ``A @ V``), same parameters, same run; the two agree (``check``).
 
-Every configuration runs in a fresh subprocess. Memory on CPU: ``ru_maxrss`` of the child at the end
+Every configuration runs in a fresh subprocess (``MALLOC_MMAP_THRESHOLD_=65536``). Memory on CPU: ``ru_maxrss`` of the child at the end
 minus its value after imports and a tiny warm-up call (``peak_mb``; it includes the inputs, parameters,
 gradients and optimiser state built afterwards; ``step_peak_mb`` subtracts the value measured just
 before the first full step as well). On CUDA: ``torch.cuda.max_memory_allocated`` (``peak_mb``:
@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+#: freed large buffers go back to the OS at once, so ru_maxrss tracks the peak of live bytes
+#: (glibc's default reuse made the same configuration's peak differ by up to 25 % between runs)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _rss_mb() -> float:
@@ -168,7 +171,8 @@ def _child_bit(args, dev) -> dict:
         losses.append(step())
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    out = {"kind": "bit", "n_params": n_params, "n_embedding_params": n_embed, "step_seconds": times,
+    out = {"kind": "bit", "batch": args.batch, "n_params": n_params, "n_embedding_params": n_embed,
+           "step_seconds": times,
            "median_step_s": float(np.median(times)), "samples_per_s": args.batch * args.steps / float(np.sum(times)),
            "losses": losses}
     if dev.type == "cuda":
@@ -187,6 +191,8 @@ def _child(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
+    if args.child == "bit":
+        args.batch = int(args.batch)
     res = _child_bit(args, dev) if args.child == "bit" else _child_tokenizer(args, dev)
     res["torch_threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(res), flush=True)
@@ -199,7 +205,7 @@ def _run(args, kind: str, extra: list[str]) -> dict:
     for key in keys:
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     cmd += extra
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "BRAINENC_QUIET": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "BRAINENC_QUIET": "1", **MALLOC_ENV,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -251,14 +257,16 @@ def main() -> None:
     p.add_argument("--subjects", type=int, default=8)
     p.add_argument("--voxels", type=int, default=40_000)
     p.add_argument("--k", type=int, default=15_000, help="voxels drawn per example (BIT step)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", default="2,4", help="BIT batch sizes (comma-separated; one child each)")
     p.add_argument("--queries", type=int, default=256)
     p.add_argument("--out-dim", type=int, default=1664)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--tok-batch", type=int, default=4)
     p.add_argument("--tok-ks", default="1000,2000,4000,8000,15000")
-    p.add_argument("--reps", type=int, default=2, help="timed tokenizer calls after the memory call")
+    p.add_argument("--tok-extra-clusters", type=int, default=512,
+                   help="also run both tokenizers at the largest K with this many clusters (0: skip)")
+    p.add_argument("--reps", type=int, default=3, help="timed tokenizer calls after the memory call")
     p.add_argument("--out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
@@ -268,13 +276,14 @@ def main() -> None:
         _child(args)
         return
     if args.quick:
-        args.voxels, args.k, args.steps, args.warmup, args.reps = 2000, 1000, 1, 1, 1
-        args.tok_ks = "500,1000"
+        args.voxels, args.k, args.steps, args.warmup, args.reps, args.batch = 2000, 1000, 1, 1, 1, "2"
+        args.tok_ks, args.tok_extra_clusters = "500,1000", 256
     ks = [int(k) for k in args.tok_ks.split(",")]
     args.check_k = ks[0]
     parts = args.parts.split(",")
     t_start = time.perf_counter()
-    bit = _run(args, "bit", []) if "bit" in parts else None
+    bit = [_run(argparse.Namespace(**{**vars(args), "batch": int(bs)}), "bit", [])
+           for bs in str(args.batch).split(",")] if "bit" in parts else []
     tok = {"ours": [], "dense": []}
     if "tokenizer" in parts:
         for K in ks:
@@ -282,6 +291,11 @@ def main() -> None:
                 extra = ["--impl", impl]
                 kargs = argparse.Namespace(**{**vars(args), "k": K})
                 tok[impl].append(_run(kargs, "tokenizer", extra))
+    tok_clusters = []
+    if "tokenizer" in parts and args.tok_extra_clusters:
+        for impl in ("ours", "dense"):
+            kargs = argparse.Namespace(**{**vars(args), "k": ks[-1], "clusters": args.tok_extra_clusters})
+            tok_clusters.append({**_run(kargs, "tokenizer", ["--impl", impl]), "clusters": args.tok_extra_clusters})
     summary = {}
     ok = {impl: [r for r in rows if "peak_mb" in r] for impl, rows in tok.items()}
     if len(ok["ours"]) == len(ks) >= 2:
@@ -297,15 +311,24 @@ def main() -> None:
         summary["dense_over_ours"] = [
             {"K": o["K"], "memory": d["peak_mb"] / o["peak_mb"], "step_memory": d["step_peak_mb"] / o["step_peak_mb"],
              "time": d["median_s"] / o["median_s"]} for o, d in zip(ok["ours"], ok["dense"])]
+    if len(tok_clusters) == 2 and all("peak_mb" in r for r in tok_clusters) and ok["ours"] and ok["dense"]:
+        o, d = tok_clusters
+        summary["clusters_effect_at_max_K"] = {
+            "clusters": [args.clusters, args.tok_extra_clusters],
+            "ours_step_peak_mb": [ok["ours"][-1]["step_peak_mb"], o["step_peak_mb"]],
+            "dense_step_peak_mb": [ok["dense"][-1]["step_peak_mb"], d["step_peak_mb"]],
+            "ours_median_s": [ok["ours"][-1]["median_s"], o["median_s"]],
+            "dense_median_s": [ok["dense"][-1]["median_s"], d["median_s"]]}
     payload = {
         "benchmark": "brainit",
-        "config": {"device": args.device, "threads": args.threads, "quick": args.quick,
+        "config": {"device": args.device, "threads": args.threads, "quick": args.quick, "child_env": MALLOC_ENV,
                    "dtype": "bf16 autocast" if args.device == "cuda" else "float32",
                    "bit": {"subjects": args.subjects, "voxels_per_subject": args.voxels, "voxels_per_example": args.k,
                            "sampling": "uniform with replacement", "clusters": args.clusters, "width": args.width,
                            "heads": args.heads, "n_self": args.n_self, "cross_blocks": args.n_self + 1,
                            "mlp_ratio": 4.0, "queries": args.queries, "out_dim": args.out_dim, "loss": "mse",
-                           "optimizer": "AdamW lr 5e-4 wd 0.05", "batch": args.batch, "warmup_steps": args.warmup,
+                           "optimizer": "AdamW lr 5e-4 wd 0.05", "batch": [int(x) for x in str(args.batch).split(",")],
+                           "warmup_steps": args.warmup,
                            "timed_steps": args.steps},
                    "tokenizer": {"batch": args.tok_batch, "width": args.width, "clusters": args.clusters, "K": ks,
                                  "timed_reps": args.reps, "mode": "forward + backward (input requires grad)"}},
@@ -314,7 +337,7 @@ def main() -> None:
                     "(peak_mb) and minus its value just before the first full step (step_peak_mb); CUDA "
                     "max_memory_allocated",
         "machine": _machine(args.device, args.threads),
-        "results": {"bit": bit, "tokenizer": tok},
+        "results": {"bit": bit, "tokenizer": tok, "tokenizer_more_clusters": tok_clusters},
         "summary": summary,
         "total_wall_s": round(time.perf_counter() - t_start, 1),
         "command": " ".join([Path(sys.executable).name, "kernels/bench/bench_brainit.py"] + sys.argv[1:]),

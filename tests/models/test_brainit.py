@@ -263,7 +263,10 @@ def _encoder_reference(model: UniversalEncoderModel, tokens, subject, voxel):
         fs = []
         for l, t in enumerate(tokens):
             pre = f"layers.{l}."
-            ln = lambda x, n: Fn.layer_norm(x, (x.shape[-1],), p[pre + n + ".weight"], p[pre + n + ".bias"])  # noqa: E731
+
+            def ln(x, n, pre=pre):
+                return Fn.layer_norm(x, (x.shape[-1],), p[pre + n + ".weight"], p[pre + n + ".bias"])
+
             T = ln(t[i].double(), "norm_in") @ p[pre + "proj_in.weight"].T + p[pre + "proj_in.bias"]
             Kx = T @ p[pre + "project_x.weight"].T + p[pre + "project_x.bias"] + p[pre + "pos"]
             q = e @ p[pre + "query.weight"].T + p[pre + "query.bias"]
