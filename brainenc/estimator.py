@@ -177,6 +177,23 @@ class EstimatorMixin:
                         "(they only affect fit, not predict)", type(self).__name__, ", ".join(dropped))
         return out
 
+    def _resolved_config_json(self) -> dict[str, Any]:
+        """Constructor parameters as JSON for estimators whose ``_check_params()`` returns the resolved
+        ``(model, train)`` configs: those two are written whole (presets and defaults applied), so a
+        saved model does not depend on what a preset holds in a later version. A parameter without a
+        JSON form is an error (nothing is silently dropped)."""
+        from brainenc.config import to_dict
+
+        model, train = self._check_params()  # type: ignore[attr-defined]
+        resolved = {"model": model, "train": train}
+        out = {}
+        for key, value in self.get_params(deep=False).items():  # type: ignore[attr-defined]
+            j = to_json_value(to_dict(resolved.get(key, value)))
+            if j is _UNSERIALISABLE:
+                raise ConfigError(f"'{key}' has no JSON form ({type(value).__name__}); use plain values")
+            out[key] = j
+        return out
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the fitted estimator to ``directory`` (``config.json`` + ``model.safetensors``).
 

@@ -31,7 +31,6 @@ per-image Pearson correlation of predicted and true (standardised) tokens on the
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -140,33 +139,21 @@ def _split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-class _Rows:
-    """Lazy row subset (numpy only; same semantics as :class:`~brainenc.training.data.RowSubset`)."""
-
-    def __init__(self, array, index):
-        from brainenc.training.data import RowSubset
-
-        self._view = RowSubset(array, index)
-        self.shape, self.dtype, self.ndim = self._view.shape, self._view.dtype, self._view.ndim
-
-    def __len__(self):
-        return len(self._view)
-
-    def __getitem__(self, idx):
-        return self._view[idx]
-
-
 def _subset(arrays: Mapping[str, Any], index) -> dict:
-    return {k: (np.asarray(v)[index] if isinstance(v, np.ndarray) and v.ndim == 1 else _Rows(v, index))
+    """Rows ``index`` of every array: 1-D arrays copied, the rest lazy (:class:`~brainenc.training.data.RowSubset`)."""
+    from brainenc.training.data import RowSubset
+
+    return {k: (np.asarray(v)[index] if isinstance(v, np.ndarray) and v.ndim == 1 else RowSubset(v, index))
             for k, v in arrays.items()}
 
 
-def _config_json(est) -> dict:
-    arch, train = est._check_params()
-    out = {}
-    for key, value in est.get_params(deep=False).items():
-        out[key] = to_json_value(to_dict({"model": arch, "train": train}.get(key, value)))
-    return out
+def _subject_names(subjects, counts) -> list[str]:
+    names = list(subjects) if subjects is not None else [f"s{i}" for i in range(len(counts))]
+    if len(names) != len(counts):
+        raise DataFormatError(f"'subjects' names {len(names)} subjects for {len(counts)} voxel counts")
+    if len(set(names)) != len(names):
+        raise DataFormatError(f"'subjects' must be distinct; got {names}")
+    return [str(n) for n in names]
 
 
 def _counts_check(voxel_counts, n_subjects_needed: int | None = None) -> list[int]:
@@ -357,10 +344,13 @@ def _define_objectives():
     return _VoxelSubsetRegression, _TokenDecoding
 
 
-def _train_and_restore(model, train_cfg, objective, data, val, run_dir, resume):
+def _train_split(model, train_cfg, objective, data: Mapping[str, Any], split, run_dir, resume):
+    """Train ``model`` on the rows ``split = (train, val or None)`` of ``data``; returns the FitResult."""
     from brainenc.training import Trainer
 
-    res = Trainer(model, train_cfg, objective=objective, run_dir=run_dir).fit(data, val=val, resume=resume)
+    ti, vi = split
+    val = _subset(data, vi) if vi is not None else None
+    res = Trainer(model, train_cfg, objective=objective, run_dir=run_dir).fit(_subset(data, ti), val=val, resume=resume)
     model.eval()
     return res
 
@@ -369,11 +359,86 @@ def _device_of(model):
     return next(model.parameters()).device
 
 
+class _MultiSubjectNet(EstimatorMixin, BaseEstimator):
+    """What the two Brain-IT networks share: subjects, the resolved config, the trained-network state and
+    the transfer recipe (copy, add a subject, train only its embedding blocks)."""
+
+    _nested_params = _NESTED
+    _tag = ""  # registry name, for error messages
+
+    def _config_json(self):
+        return self._resolved_config_json()
+
+    def _is_fitted(self) -> bool:
+        return hasattr(self, "model_")
+
+    def subject_index(self, subject) -> int:
+        """Index of a subject given by name or index (a one-line error for an unknown one)."""
+        self._check_fitted()
+        if isinstance(subject, str):
+            if subject not in self.subjects_:
+                raise ConfigError(f"subject {subject!r} is not in this {self._tag} (it has {self.subjects_})")
+            return self.subjects_.index(subject)
+        s = int(subject)
+        if not 0 <= s < len(self.subjects_):
+            raise ConfigError(f"subject index {s} out of range 0..{len(self.subjects_) - 1}")
+        return s
+
+    def _offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.voxel_counts_)]).astype(np.int64)
+
+    def _set_trained(self, model, res, subjects, counts) -> None:
+        self.model_ = model.cpu()
+        self.subjects_, self.voxel_counts_ = list(subjects), list(counts)
+        self.history_, self.best_epoch_ = res.history, res.best_epoch
+
+    # ---- transfer -----------------------------------------------------------------------------
+    def _transfer_copy(self, name: str, train) -> tuple["_MultiSubjectNet", Any]:
+        """A deep copy to receive subject ``name``, with ``train`` overriding the training table."""
+        self._check_fitted()
+        if name in self.subjects_:
+            raise ConfigError(f"subject {name!r} is already in this {self._tag}")
+        new = copy.deepcopy(self)
+        if train is not None:
+            new.train = {**to_dict(self._check_params()[1]), **dict(train)}
+        return new, new._check_params()[1]
+
+    def _train_new_subject(self, s: int, V: int, name: str, train_cfg, objective, data, run_dir, resume):
+        """Train only block ``s`` (``V`` voxels) of every VoxelEmbedding of ``self.model_`` (a transfer copy)."""
+        n = len(data["y"])
+        _freeze_except_block(self.model_, s)
+        try:
+            res = _train_split(self.model_, train_cfg, objective, data, _split_rows(n, self.val_fraction, self.val_seed),
+                               run_dir, resume)
+        finally:
+            _unfreeze(self.model_)
+        self._set_trained(self.model_, res, self.subjects_ + [name], self.voxel_counts_ + [int(V)])
+        return res
+
+    # ---- persistence --------------------------------------------------------------------------
+    def _network_state(self) -> tuple[dict, dict]:
+        arrays = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
+        meta = {"subjects": list(self.subjects_), "voxel_counts": list(self.voxel_counts_),
+                "best_epoch": int(self.best_epoch_), "history": to_json_value(self.history_)}
+        return arrays, meta
+
+    def _restore_network(self, build, arrays, meta) -> None:
+        """Build the network with ``build()`` (under a forked rng) and load the saved weights into it."""
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            model = build()
+        load_module_state(model, {k[6:]: v for k, v in arrays.items() if k.startswith("model.")}, f"({self._tag})")
+        self.model_ = model.eval()
+        self.subjects_, self.voxel_counts_ = list(meta["subjects"]), [int(c) for c in meta["voxel_counts"]]
+        self.best_epoch_, self.history_ = int(meta["best_epoch"]), list(meta["history"])
+
+
 # ------------------------------------------------------------------------------------------------
 # universal encoder
 # ------------------------------------------------------------------------------------------------
 @register_estimator("brainit_encoder")
-class UniversalBrainEncoder(EstimatorMixin, BaseEstimator):
+class UniversalBrainEncoder(_MultiSubjectNet):
     """One image -> voxel encoder for many subjects with a learned embedding per voxel (reference b.1).
 
     Parameters
@@ -406,7 +471,7 @@ class UniversalBrainEncoder(EstimatorMixin, BaseEstimator):
     (500, 32)
     """
 
-    _nested_params = _NESTED
+    _tag = "brainit_encoder"
 
     def __init__(self, model=None, train=None, voxels_per_example: int = 5000, cos_weight: float = 0.1,
                  val_fraction: float = 0.1, val_seed: int = 0):
@@ -428,12 +493,6 @@ class UniversalBrainEncoder(EstimatorMixin, BaseEstimator):
         _check_int(f"{prefix}val_seed", self.val_seed, lo=0)
         return (nested_config(UniversalEncoderArchitecture, self.model, "model", prefix),
                 nested_config(TrainConfig, self.train, "train", prefix, base=ENCODER_TRAIN))
-
-    def _config_json(self):
-        return _config_json(self)
-
-    def _is_fitted(self) -> bool:
-        return hasattr(self, "model_")
 
     @staticmethod
     def _check_tokens(tokens, n=None) -> list:
@@ -474,35 +533,20 @@ class UniversalBrainEncoder(EstimatorMixin, BaseEstimator):
         subject = _check_subject_rows(subject, counts, n)
         if np.shape(responses)[1] < max(counts):
             raise DataFormatError(f"'responses' has {np.shape(responses)[1]} columns; the largest subject has {max(counts)}")
+        names = _subject_names(subjects, counts)
         Obj, _ = _objectives()
         shapes = [(int(np.shape(t)[1]), int(np.shape(t)[2])) for t in tokens]
         seed_everything(train.seed)
         model = UniversalEncoderModel(arch, layer_shapes=shapes, voxel_counts=counts)
         data = {**{f"x{i}": t for i, t in enumerate(tokens)}, "y": responses, "subject": subject}
-        ti, vi = _split_rows(n, self.val_fraction, self.val_seed)
-        val = _subset(data, vi) if vi is not None else None
         objective = Obj(len(tokens), counts, self.voxels_per_example, self.cos_weight, seed=train.seed)
-        res = _train_and_restore(model, train, objective, _subset(data, ti), val, run_dir, resume)
-        self.model_ = model.cpu()
-        self.subjects_ = list(subjects) if subjects is not None else [f"s{i}" for i in range(len(counts))]
-        if len(self.subjects_) != len(counts):
-            raise DataFormatError(f"'subjects' names {len(self.subjects_)} subjects for {len(counts)} voxel counts")
-        self.voxel_counts_, self.layer_shapes_ = counts, shapes
-        self.history_, self.best_epoch_, self.val_scores_ = res.history, res.best_epoch, res.val_scores
+        res = _train_split(model, train, objective, data, _split_rows(n, self.val_fraction, self.val_seed),
+                           run_dir, resume)
+        self._set_trained(model, res, names, counts)
+        self.layer_shapes_, self.val_scores_ = shapes, res.val_scores
         return self
 
     # ---- inference ----------------------------------------------------------------------------
-    def subject_index(self, subject) -> int:
-        self._check_fitted()
-        if isinstance(subject, str):
-            if subject not in self.subjects_:
-                raise ConfigError(f"subject {subject!r} is not in this encoder (it has {self.subjects_})")
-            return self.subjects_.index(subject)
-        s = int(subject)
-        if not 0 <= s < len(self.subjects_):
-            raise ConfigError(f"subject index {s} out of range 0..{len(self.subjects_) - 1}")
-        return s
-
     def voxel_embeddings(self, subject) -> np.ndarray:
         """The learned ``e_v`` of a subject's voxels, float32 [V_s, embed_dim]."""
         return self.model_.voxel_embed.table(self.subject_index(subject)).cpu().numpy().astype(np.float32)
@@ -553,58 +597,36 @@ class UniversalBrainEncoder(EstimatorMixin, BaseEstimator):
             Overrides of this encoder's training table (e.g. fewer epochs).
         """
         self._check_fitted()
-        if name in self.subjects_:
-            raise ConfigError(f"subject {name!r} is already in this encoder")
         n = len(responses)
         tokens = self._check_tokens(tokens, n)
         V = int(np.shape(responses)[1])
-        new = copy.deepcopy(self)
-        if train is not None:
-            new.train = {**to_dict(self._check_params()[1]), **dict(train)}
-        _, train_cfg = new._check_params()
+        new, train_cfg = self._transfer_copy(name, train)
         s = new.model_.add_subject(V)
-        _freeze_except_block(new.model_, s)
-        counts = self.voxel_counts_ + [V]
         Obj, _ = _objectives()
         data = {**{f"x{i}": t for i, t in enumerate(tokens)}, "y": responses,
                 "subject": np.full(n, s, dtype=np.int64)}
-        ti, vi = _split_rows(n, self.val_fraction, self.val_seed)
-        objective = Obj(len(tokens), counts, min(self.voxels_per_example, 4 * V), self.cos_weight,
+        objective = Obj(len(tokens), self.voxel_counts_ + [V], min(self.voxels_per_example, 4 * V), self.cos_weight,
                         seed=train_cfg.seed)
-        res = _train_and_restore(new.model_, train_cfg, objective, _subset(data, ti),
-                                 _subset(data, vi) if vi is not None else None, run_dir, resume)
-        new.model_ = new.model_.cpu()
-        _unfreeze(new.model_)
-        new.subjects_ = self.subjects_ + [name]
-        new.voxel_counts_ = counts
-        new.history_, new.best_epoch_ = res.history, res.best_epoch
+        res = new._train_new_subject(s, V, name, train_cfg, objective, data, run_dir, resume)
         new.val_scores_ = res.val_scores
         return new
 
     # ---- persistence --------------------------------------------------------------------------
     def _fitted_state(self):
-        arrays = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
+        arrays, meta = self._network_state()
         if self.val_scores_ is not None:
             arrays["val_scores"] = np.asarray(self.val_scores_, dtype=np.float32)
-        meta = {"subjects": list(self.subjects_), "voxel_counts": list(self.voxel_counts_),
-                "layer_shapes": [list(s) for s in self.layer_shapes_], "best_epoch": int(self.best_epoch_),
-                "history": to_json_value(self.history_)}
+        meta["layer_shapes"] = [list(s) for s in self.layer_shapes_]
         return arrays, meta
 
     def _restore_fitted(self, arrays, meta):
-        import torch
-
         from brainenc.models.brainit import UniversalEncoderModel
 
         arch, _ = self._check_params()
         shapes = [tuple(int(x) for x in s) for s in meta["layer_shapes"]]
-        with torch.random.fork_rng(devices=[]):
-            model = UniversalEncoderModel(arch, layer_shapes=shapes, voxel_counts=list(meta["voxel_counts"]))
-        load_module_state(model, {k[6:]: v for k, v in arrays.items() if k.startswith("model.")}, "(brainit_encoder)")
-        self.model_ = model.eval()
-        self.subjects_, self.voxel_counts_ = list(meta["subjects"]), [int(c) for c in meta["voxel_counts"]]
+        self._restore_network(lambda: UniversalEncoderModel(arch, layer_shapes=shapes,
+                                                            voxel_counts=list(meta["voxel_counts"])), arrays, meta)
         self.layer_shapes_ = shapes
-        self.best_epoch_, self.history_ = int(meta["best_epoch"]), list(meta["history"])
         self.val_scores_ = arrays.get("val_scores")
 
 
@@ -759,7 +781,7 @@ class FunctionalClusters(EstimatorMixin, BaseEstimator):
 # Brain Interaction Transformer
 # ------------------------------------------------------------------------------------------------
 @register_estimator("brainit")
-class BrainITDecoder(EstimatorMixin, BaseEstimator):
+class BrainITDecoder(_MultiSubjectNet):
     """Voxels of many subjects -> image feature tokens through functional clusters (reference b.3).
 
     Parameters
@@ -787,7 +809,7 @@ class BrainITDecoder(EstimatorMixin, BaseEstimator):
     target_mean_, target_std_ : float32 [token_dim] (predictions are returned in target units)
     """
 
-    _nested_params = _NESTED
+    _tag = "brainit"
 
     def __init__(self, model=None, train=None, loss: str = "mse", voxels_per_example: int = 15000,
                  group_samples: Sequence[int] | None = None, logit_scale: float = 1.0,
@@ -817,12 +839,6 @@ class BrainITDecoder(EstimatorMixin, BaseEstimator):
         _check_int(f"{prefix}val_seed", self.val_seed, lo=0)
         return (nested_config(BrainITArchitecture, self.model, "model", prefix),
                 nested_config(TrainConfig, self.train, "train", prefix, base=DECODER_TRAIN))
-
-    def _config_json(self):
-        return _config_json(self)
-
-    def _is_fitted(self) -> bool:
-        return hasattr(self, "model_")
 
     def _groups(self, group_sizes, n_tokens) -> tuple[list[int], list[int]]:
         sizes = [int(n_tokens)] if group_sizes is None else [int(g) for g in group_sizes]
@@ -856,7 +872,7 @@ class BrainITDecoder(EstimatorMixin, BaseEstimator):
         """
         from brainenc.models.brainit import BrainIT
         from brainenc.training import seed_everything
-        from brainenc.training.data import channel_statistics
+        from brainenc.training.data import RowSubset, channel_statistics
 
         arch, train = self._check_params()
         counts = _counts_check(voxel_counts)
@@ -869,10 +885,11 @@ class BrainITDecoder(EstimatorMixin, BaseEstimator):
         if clusters.size != sum(counts) or clusters.min() < 0 or clusters.max() >= n_clusters:
             raise DataFormatError(f"'clusters' must hold one id in 0..{n_clusters - 1} per voxel ({sum(counts)}); "
                                   f"got {clusters.size} values in {clusters.min()}..{clusters.max()}")
+        names = _subject_names(subjects, counts)
         M, D = int(np.shape(targets)[1]), int(np.shape(targets)[2])
         sizes, samples = self._groups(group_sizes, M)
-        ti, vi = _split_rows(n, self.val_fraction, self.val_seed)
-        mean, std = channel_statistics(_Rows(targets, ti))
+        split = _split_rows(n, self.val_fraction, self.val_seed)
+        mean, std = channel_statistics(RowSubset(targets, split[0]))
         std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0)
         seed_everything(train.seed)
         model = BrainIT(arch, voxel_counts=counts, n_clusters=n_clusters, n_queries=M, out_dim=D)
@@ -880,23 +897,14 @@ class BrainITDecoder(EstimatorMixin, BaseEstimator):
         objective = Obj(counts, clusters, k=self.voxels_per_example, loss=self.loss, group_sizes=sizes,
                         group_samples=samples, logit_scale=self.logit_scale, mean=mean, std=std, seed=train.seed)
         data = {"y": responses, "subject": subject, "target": targets}
-        res = _train_and_restore(model, train, objective, _subset(data, ti),
-                                 _subset(data, vi) if vi is not None else None, run_dir, resume)
-        self.model_ = model.cpu()
-        self.subjects_ = list(subjects) if subjects is not None else [f"s{i}" for i in range(len(counts))]
-        self.voxel_counts_, self.clusters_, self.n_clusters_ = counts, clusters, n_clusters
+        res = _train_split(model, train, objective, data, split, run_dir, resume)
+        self._set_trained(model, res, names, counts)
+        self.clusters_, self.n_clusters_ = clusters, n_clusters
         self.n_tokens_, self.token_dim_, self.group_sizes_ = M, D, sizes
         self.target_mean_, self.target_std_ = mean.astype(np.float32), std.astype(np.float32)
-        self.history_, self.best_epoch_ = res.history, res.best_epoch
         return self
 
     # ---- inference ----------------------------------------------------------------------------
-    def subject_index(self, subject) -> int:
-        return UniversalBrainEncoder.subject_index(self, subject)
-
-    def _offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.voxel_counts_)]).astype(np.int64)
-
     def predict(self, responses, subject, batch_size: int = 16, *, standardized: bool = False) -> np.ndarray:
         """Predicted target tokens from all of one subject's voxels, float32 [n, M, D].
 
@@ -946,73 +954,51 @@ class BrainITDecoder(EstimatorMixin, BaseEstimator):
         import torch
 
         self._check_fitted()
-        if name in self.subjects_:
-            raise ConfigError(f"subject {name!r} is already in this decoder")
         n, V = len(responses), int(np.shape(responses)[1])
         clusters = np.asarray(clusters, dtype=np.int64).ravel()
         if clusters.size != V or clusters.min() < 0 or clusters.max() >= self.n_clusters_:
             raise DataFormatError(f"'clusters' must hold one id in 0..{self.n_clusters_ - 1} per new voxel ({V})")
         if tuple(np.shape(targets)[1:]) != (self.n_tokens_, self.token_dim_) or len(targets) != n:
             raise DataFormatError(f"'targets' must be [{n}, {self.n_tokens_}, {self.token_dim_}]; got {np.shape(targets)}")
-        new = copy.deepcopy(self)
-        if train is not None:
-            new.train = {**to_dict(self._check_params()[1]), **dict(train)}
-        _, train_cfg = new._check_params()
+        new, train_cfg = self._transfer_copy(name, train)
         init = None
         if init_from is not None:
             init_from = np.asarray(init_from, dtype=np.int64).ravel()
             if init_from.size != V or init_from.min() < 0 or init_from.max() >= sum(self.voxel_counts_):
                 raise DataFormatError(f"'init_from' must hold one reference voxel id in 0..{sum(self.voxel_counts_) - 1} "
                                       f"per new voxel ({V})")
-            offs = self._offsets()
-            subj_of = np.searchsorted(offs, init_from, side="right") - 1
-            tables = {s: new.model_.voxel_embed.table(s) for s in np.unique(subj_of).tolist()}
-            init = torch.stack([tables[s][g - offs[s]] for s, g in zip(subj_of.tolist(), init_from.tolist())])
+            # global voxel ids follow the subjects' blocks in order
+            table = torch.cat([new.model_.voxel_embed.table(s) for s in range(len(self.voxel_counts_))])
+            init = table[torch.as_tensor(init_from)]
         s = new.model_.add_subject(V, init)
-        _freeze_except_block(new.model_, s)
-        counts = self.voxel_counts_ + [V]
         all_clusters = np.concatenate([self.clusters_, clusters])
         _, Obj = _objectives()
-        objective = Obj(counts, all_clusters, k=min(self.voxels_per_example, 4 * V), loss=self.loss,
+        objective = Obj(self.voxel_counts_ + [V], all_clusters, k=min(self.voxels_per_example, 4 * V), loss=self.loss,
                         group_sizes=self.group_sizes_, group_samples=self._groups(self.group_sizes_, self.n_tokens_)[1],
                         logit_scale=self.logit_scale, mean=self.target_mean_, std=self.target_std_, seed=train_cfg.seed)
         data = {"y": responses, "subject": np.full(n, s, dtype=np.int64), "target": targets}
-        ti, vi = _split_rows(n, self.val_fraction, self.val_seed)
-        res = _train_and_restore(new.model_, train_cfg, objective, _subset(data, ti),
-                                 _subset(data, vi) if vi is not None else None, run_dir, resume)
-        new.model_ = new.model_.cpu()
-        _unfreeze(new.model_)
-        new.subjects_, new.voxel_counts_, new.clusters_ = self.subjects_ + [name], counts, all_clusters
-        new.history_, new.best_epoch_ = res.history, res.best_epoch
+        new.clusters_ = all_clusters
+        new._train_new_subject(s, V, name, train_cfg, objective, data, run_dir, resume)
         return new
 
     # ---- persistence --------------------------------------------------------------------------
     def _fitted_state(self):
-        arrays = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
+        arrays, meta = self._network_state()
         arrays.update({"clusters": np.asarray(self.clusters_, dtype=np.int64),
                        "target_mean": self.target_mean_, "target_std": self.target_std_})
-        meta = {"subjects": list(self.subjects_), "voxel_counts": list(self.voxel_counts_),
-                "n_clusters": int(self.n_clusters_), "n_tokens": int(self.n_tokens_), "token_dim": int(self.token_dim_),
-                "group_sizes": list(self.group_sizes_), "best_epoch": int(self.best_epoch_),
-                "history": to_json_value(self.history_)}
+        meta.update({"n_clusters": int(self.n_clusters_), "n_tokens": int(self.n_tokens_),
+                     "token_dim": int(self.token_dim_), "group_sizes": list(self.group_sizes_)})
         return arrays, meta
 
     def _restore_fitted(self, arrays, meta):
-        import torch
-
         from brainenc.models.brainit import BrainIT
 
         arch, _ = self._check_params()
-        counts = [int(c) for c in meta["voxel_counts"]]
-        with torch.random.fork_rng(devices=[]):
-            model = BrainIT(arch, voxel_counts=counts, n_clusters=int(meta["n_clusters"]),
-                            n_queries=int(meta["n_tokens"]), out_dim=int(meta["token_dim"]))
-        load_module_state(model, {k[6:]: v for k, v in arrays.items() if k.startswith("model.")}, "(brainit)")
-        self.model_ = model.eval()
-        self.subjects_, self.voxel_counts_ = list(meta["subjects"]), counts
+        self._restore_network(lambda: BrainIT(arch, voxel_counts=[int(c) for c in meta["voxel_counts"]],
+                                              n_clusters=int(meta["n_clusters"]), n_queries=int(meta["n_tokens"]),
+                                              out_dim=int(meta["token_dim"])), arrays, meta)
         self.clusters_ = np.asarray(arrays["clusters"], dtype=np.int64)
         self.n_clusters_, self.n_tokens_, self.token_dim_ = int(meta["n_clusters"]), int(meta["n_tokens"]), int(meta["token_dim"])
         self.group_sizes_ = [int(g) for g in meta["group_sizes"]]
         self.target_mean_ = np.asarray(arrays["target_mean"], dtype=np.float32)
         self.target_std_ = np.asarray(arrays["target_std"], dtype=np.float32)
-        self.best_epoch_, self.history_ = int(meta["best_epoch"]), list(meta["history"])

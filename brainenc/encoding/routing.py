@@ -27,7 +27,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 
 from brainenc._utils.tensors import load_module_state
 from brainenc._utils.validation import check_array, check_option
-from brainenc.config import from_dict, nested_config, to_dict
+from brainenc.config import nested_config
 from brainenc.estimator import (
     CONFIG_FILE,
     EstimatorMixin,
@@ -64,10 +64,6 @@ def _infer_grid(n_tokens: int) -> tuple[int, int]:
     if s * s != n_tokens:
         raise ConfigError(f"'grid' cannot be inferred from {n_tokens} tokens (not a square); pass grid=(h, w)")
     return (s, s)
-
-
-def _is_json(value) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, list, dict))
 
 
 _ROUTING_HEAD = None
@@ -491,16 +487,7 @@ class RoutingEncoder(EstimatorMixin, RegressorMixin, BaseEstimator):
 
     # ---- persistence (through EstimatorMixin.save_pretrained / from_pretrained) ---------------
     def _config_json(self) -> dict[str, Any]:
-        # model/train are written whole (preset applied): a saved model does not depend on what a
-        # preset holds in a later version
-        arch, train = self._check_params()
-        out = {}
-        for key, value in self.get_params(deep=False).items():
-            j = to_json_value(to_dict({"model": arch, "train": train}.get(key, value)))
-            if not _is_json(j):
-                raise ConfigError(f"'{key}' has no JSON form ({type(value).__name__}); use plain values")
-            out[key] = j
-        return out
+        return self._resolved_config_json()
 
     def _fitted_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         arrays: dict[str, Any] = {f"model.{k}": v for k, v in self.model_.state_dict().items()}

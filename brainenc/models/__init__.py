@@ -75,16 +75,21 @@ __all__ = [
 MODELS = Registry("model")
 
 
+def _merged(arch_cls, defaults: Mapping[str, Any], config, overrides: Mapping[str, Any]):
+    """``arch_cls`` from the variant's ``defaults``, then ``config`` (mapping or instance), then ``overrides``."""
+    base = dict(defaults)
+    base.update(to_dict(config) if isinstance(config, arch_cls) else dict(config or {}))
+    base.update(overrides)
+    return from_dict(arch_cls, base)
+
+
 def _routing_factory(defaults: Mapping[str, Any], voxels_only: bool = False):
     def factory(config: Mapping[str, Any] | RoutingArchitecture | None = None, query_set: QuerySet | None = None, *,
                 feature_dim: int, grid: tuple[int, int], n_voxels: int, **overrides) -> RoutingEncoderModel:
         if voxels_only and query_set is not None:
             raise ConfigError("'query_set' must be None for a voxel-query model (one query per voxel)")
-        base = dict(defaults)
-        base.update(to_dict(config) if isinstance(config, RoutingArchitecture) else dict(config or {}))
-        base.update(overrides)
-        return RoutingEncoderModel(from_dict(RoutingArchitecture, base), feature_dim=feature_dim, grid=grid,
-                                   n_voxels=n_voxels, query_set=query_set)
+        arch = _merged(RoutingArchitecture, defaults, config, overrides)
+        return RoutingEncoderModel(arch, feature_dim=feature_dim, grid=grid, n_voxels=n_voxels, query_set=query_set)
 
     return factory
 
@@ -103,11 +108,8 @@ def _brainit_encoder_factory(defaults: Mapping[str, Any]):
                 layer_shapes, voxel_counts, **overrides) -> UniversalEncoderModel:
         if query_set is not None:
             raise ConfigError("'query_set' must be None for the Brain-IT universal encoder (one embedding per voxel)")
-        base = dict(defaults)
-        base.update(to_dict(config) if isinstance(config, UniversalEncoderArchitecture) else dict(config or {}))
-        base.update(overrides)
-        return UniversalEncoderModel(from_dict(UniversalEncoderArchitecture, base), layer_shapes=layer_shapes,
-                                     voxel_counts=voxel_counts)
+        arch = _merged(UniversalEncoderArchitecture, defaults, config, overrides)
+        return UniversalEncoderModel(arch, layer_shapes=layer_shapes, voxel_counts=voxel_counts)
 
     return factory
 
@@ -117,11 +119,8 @@ def _brainit_factory(defaults: Mapping[str, Any]):
                 voxel_counts, n_clusters: int, n_queries: int, out_dim: int, **overrides) -> BrainIT:
         if query_set is not None:
             raise ConfigError("'query_set' must be None for BrainIT (its output queries are learned)")
-        base = dict(defaults)
-        base.update(to_dict(config) if isinstance(config, BrainITArchitecture) else dict(config or {}))
-        base.update(overrides)
-        return BrainIT(from_dict(BrainITArchitecture, base), voxel_counts=voxel_counts, n_clusters=n_clusters,
-                       n_queries=n_queries, out_dim=out_dim)
+        arch = _merged(BrainITArchitecture, defaults, config, overrides)
+        return BrainIT(arch, voxel_counts=voxel_counts, n_clusters=n_clusters, n_queries=n_queries, out_dim=out_dim)
 
     return factory
 

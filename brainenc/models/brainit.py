@@ -513,50 +513,54 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-class _SelfBlock(nn.Module):
-    """Pre-norm ViT block: ``x += Drop(W_o MHSA(LN(x))); x += Drop(MLP(LN(x)))``."""
+class _Block(nn.Module):
+    """What both block kinds share: ``x += Drop(W_o Attn(q, k, v)); x += Drop(MLP(LN(x)))``.
 
-    def __init__(self, arch: BrainITArchitecture):
+    ``n_in`` projections of width ``w`` come from one ``Linear(w, n_in * w)`` applied to ``LN(input)``.
+    """
+
+    def __init__(self, arch: BrainITArchitecture, n_in: int):
         super().__init__()
         w = arch.width
         self.heads, self.p = arch.heads, arch.dropout
-        self.norm1, self.norm2 = nn.LayerNorm(w), nn.LayerNorm(w)
-        self.qkv = nn.Linear(w, 3 * w)
+        self.norm_in, self.norm_mlp = nn.LayerNorm(w), nn.LayerNorm(w)
+        self.inp = nn.Linear(w, n_in * w)
         self.proj = nn.Linear(w, w)
         self.drop = nn.Dropout(arch.dropout)
         self.mlp = _mlp(w, arch.mlp_hidden, arch.dropout)
+        self.n_in = n_in
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+    def _projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.inp(self.norm_in(x)).chunk(self.n_in, dim=-1)
+
+    def _update(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         a = Fn.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads),
                                             dropout_p=self.p if self.training else 0.0)
         x = x + self.drop(self.proj(_merge(a)))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        return x + self.drop(self.mlp(self.norm_mlp(x)))
 
 
-class _CrossBlock(nn.Module):
-    """``X += Drop(W_o Attn(q = heads(X), k, v = Linear(LN(b)))); X += Drop(MLP(LN(X)))``.
+class _SelfBlock(_Block):
+    """Pre-norm ViT block over the brain tokens: ``q, k, v = Linear(LN(x))``."""
 
-    The queries enter without projection or norm; each query attends to the brain tokens only.
+    def __init__(self, arch: BrainITArchitecture):
+        super().__init__(arch, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._update(x, *self._projections(x))
+
+
+class _CrossBlock(_Block):
+    """Output queries over the brain tokens: ``q = X`` (no projection or norm), ``k, v = Linear(LN(tokens))``.
+
+    Each query attends to the brain tokens only, never to the other queries.
     """
 
     def __init__(self, arch: BrainITArchitecture):
-        super().__init__()
-        w = arch.width
-        self.heads, self.p = arch.heads, arch.dropout
-        self.norm_kv, self.norm_mlp = nn.LayerNorm(w), nn.LayerNorm(w)
-        self.kv = nn.Linear(w, 2 * w)
-        self.proj = nn.Linear(w, w)
-        self.drop = nn.Dropout(arch.dropout)
-        self.mlp = _mlp(w, arch.mlp_hidden, arch.dropout)
+        super().__init__(arch, 2)
 
     def forward(self, X: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        k, v = self.kv(self.norm_kv(tokens)).chunk(2, dim=-1)
-        q = _heads(X, self.heads)
-        a = Fn.scaled_dot_product_attention(q, _heads(k, self.heads), _heads(v, self.heads),
-                                            dropout_p=self.p if self.training else 0.0)
-        X = X + self.drop(self.proj(_merge(a)))
-        return X + self.drop(self.mlp(self.norm_mlp(X)))
+        return self._update(X, X, *self._projections(tokens))
 
 
 class BrainIT(nn.Module):

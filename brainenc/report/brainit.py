@@ -20,11 +20,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from brainenc._utils.io import atomic_path, write_text
+from brainenc._utils.io import write_text
 from brainenc.exceptions import ConfigError, DataFormatError
 from brainenc.report.document import Document
 from brainenc.report.figures import FSAVERAGE5_VERTICES, _figure, _slice_indices, save_figure
-from brainenc.report.maps import _hemi_codes, is_volume, values_to_surface, values_to_volume
+from brainenc.report.maps import _hemi_codes, is_volume, values_to_volume, write_map
 
 __all__ = ["DecodeReportInputs", "build_decode_report", "write_cluster_maps", "cluster_figure", "transfer_figure",
            "decode_table", "cluster_colors", "label_colors", "DECODE_HEADERS"]
@@ -78,28 +78,6 @@ def _n_voxels(geometry: Mapping) -> int:
     return int(np.asarray(geometry[key]).shape[0])
 
 
-def _hemisphere_parts(geometry: Mapping) -> list[tuple[str, np.ndarray, dict]]:
-    """``[(hemi, voxel selection, one-hemisphere geometry)]`` for a surface geometry.
-
-    ``PreparedDataset`` stores ``n_vertices`` as ``[n_lh, n_rh]``; ``maps.values_to_surface`` takes one size
-    for both hemispheres, so each hemisphere is scattered on its own with its own size.
-    """
-    hemi = _hemi_codes(geometry["hemi"])
-    vertex = np.asarray(geometry["vertex"], dtype=np.int64)
-    nv = geometry.get("n_vertices")
-    sizes = list(nv) if isinstance(nv, (list, tuple, np.ndarray)) else [nv, nv]
-    if len(sizes) != 2:
-        raise DataFormatError(f"geometry 'n_vertices' must be one size or [lh, rh]; got {nv!r}")
-    parts = []
-    for code, name in enumerate(("lh", "rh")):
-        sel = np.nonzero(hemi == code)[0]
-        geo = {"space": geometry.get("space"), "hemi": np.full(sel.size, name), "vertex": vertex[sel]}
-        if sizes[code] is not None:
-            geo["n_vertices"] = int(sizes[code])
-        parts.append((name, sel, geo))
-    return parts
-
-
 # ------------------------------------------------------------------------------------------------
 # maps
 # ------------------------------------------------------------------------------------------------
@@ -123,8 +101,6 @@ def write_cluster_maps(out_dir: str | Path, subject: str, labels, geometry: Mapp
     -------
     list of Path
     """
-    import nibabel as nib
-
     subject = str(subject)
     if not _SAFE_NAME.match(subject):
         raise ConfigError(f"'subject' must be a plain file-name stem (letters, digits, . _ -); {subject!r} was provided")
@@ -132,28 +108,8 @@ def write_cluster_maps(out_dir: str | Path, subject: str, labels, geometry: Mapp
     if lab.size and lab.max() + 1 > np.iinfo(np.int16).max:
         raise DataFormatError(f"cluster ids of {subject!r} do not fit int16 maps (max id {int(lab.max())})")
     values = (lab + 1).astype(np.float32)  # exact for every int16 value
-    out = Path(out_dir)
-    name = f"{subject}_clusters"
-    if is_volume(geometry):
-        vol = values_to_volume(values, geometry, fill=0.0).astype(np.int16)
-        affine = np.asarray(geometry.get("affine", np.eye(4)), dtype=np.float64)
-        img = nib.Nifti1Image(vol, affine)
-        img.set_data_dtype(np.int16)
-        img.header.set_xyzt_units("mm")
-        img.header["descrip"] = b"cluster id + 1; 0 = no voxel"
-        path = out / f"{name}.nii.gz"
-        with atomic_path(path) as tmp:
-            nib.save(img, tmp)
-        return [path]
-    paths = []
-    for hemi, sel, geo in _hemisphere_parts(geometry):
-        arr = values_to_surface(values[sel], geo, fill=0.0)[hemi].astype(np.int16)
-        path = out / f"{hemi}.{name}.mgh"
-        img = nib.MGHImage(arr.reshape(-1, 1, 1), np.eye(4))
-        with atomic_path(path) as tmp:
-            nib.save(img, tmp)
-        paths.append(path)
-    return paths
+    return write_map(values, geometry, out_dir, f"{subject}_clusters", dtype=np.int16,
+                     description="cluster id + 1; 0 = no voxel")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,8 +184,11 @@ def _volume_panels(fig_axes, subject: str, lab: np.ndarray, geometry: Mapping, n
 def _surface_panels(fig_axes, subject: str, lab: np.ndarray, geometry: Mapping, n_clusters: int) -> int:
     colors = cluster_colors(n_clusters)
     flat = _fsaverage5_flat() if geometry.get("space") == "fsaverage" else None
-    for ax, (hemi, sel, geo) in zip(fig_axes, _hemisphere_parts(geometry)):
-        vertex = geo["vertex"]
+    codes = _hemi_codes(geometry["hemi"])
+    vertices = np.asarray(geometry["vertex"], dtype=np.int64)
+    for ax, (code, hemi) in zip(fig_axes, enumerate(("lh", "rh"))):
+        sel = np.nonzero(codes == code)[0]
+        vertex = vertices[sel]
         if flat is not None:
             keep = vertex < FSAVERAGE5_VERTICES  # fsaverage5's vertices are the first 10242 of any density
             xy = flat[hemi][vertex[keep]]

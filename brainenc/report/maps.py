@@ -19,7 +19,7 @@ import numpy as np
 from brainenc._utils.io import atomic_path
 from brainenc.exceptions import DataFormatError
 
-__all__ = ["is_volume", "values_to_volume", "values_to_surface", "write_map", "FSAVERAGE_VERTICES"]
+__all__ = ["is_volume", "values_to_volume", "values_to_surface", "hemisphere_sizes", "write_map", "FSAVERAGE_VERTICES"]
 
 FSAVERAGE_VERTICES = 163842
 _HEMIS = ("lh", "rh")
@@ -84,16 +84,25 @@ def values_to_volume(values, geometry: Mapping, fill: float = 0.0) -> np.ndarray
     return vol
 
 
-def surface_size(geometry: Mapping) -> int:
-    """Vertices per hemisphere: ``geometry["n_vertices"]`` if given (one number, or ``[n_lh, n_rh]`` as
-    a prepared dataset stores it: the larger), else 163842 for ``fsaverage``, else one more than the
-    largest vertex index."""
+def hemisphere_sizes(geometry: Mapping) -> tuple[int, int]:
+    """Vertices of ``(lh, rh)``: ``geometry["n_vertices"]`` if given (one number for both, or
+    ``[n_lh, n_rh]`` as a prepared dataset stores it), else 163842 for ``fsaverage``, else one more than
+    the largest vertex index of either hemisphere."""
     if "n_vertices" in geometry:
-        return int(np.max(np.atleast_1d(np.asarray(geometry["n_vertices"], dtype=np.int64))))
+        nv = np.atleast_1d(np.asarray(geometry["n_vertices"], dtype=np.int64)).ravel()
+        if nv.size not in (1, 2):
+            raise DataFormatError(f"geometry 'n_vertices' must be one size or [lh, rh]; got {geometry['n_vertices']!r}")
+        return int(nv[0]), int(nv[-1])
     vertex = np.asarray(geometry["vertex"], dtype=np.int64)
     if geometry.get("space") == "fsaverage" and (vertex.size == 0 or vertex.max() < FSAVERAGE_VERTICES):
-        return FSAVERAGE_VERTICES
-    return int(vertex.max()) + 1 if vertex.size else 0
+        return FSAVERAGE_VERTICES, FSAVERAGE_VERTICES
+    n = int(vertex.max()) + 1 if vertex.size else 0
+    return n, n
+
+
+def surface_size(geometry: Mapping) -> int:
+    """Vertices per hemisphere (the larger of :func:`hemisphere_sizes`)."""
+    return max(hemisphere_sizes(geometry))
 
 
 def values_to_surface(values, geometry: Mapping, fill: float = 0.0) -> dict[str, np.ndarray]:
@@ -103,32 +112,35 @@ def values_to_surface(values, geometry: Mapping, fill: float = 0.0) -> dict[str,
     ----------
     values : array of shape (n_voxels,)
     geometry : dict
-        ``hemi`` (n_voxels,) of 'lh'/'rh' (or 0/1) and ``vertex`` int (n_voxels,).
+        ``hemi`` (n_voxels,) of 'lh'/'rh' (or 0/1), ``vertex`` int (n_voxels,), optional ``n_vertices``
+        (one size, or ``[n_lh, n_rh]``).
     fill : float
 
     Returns
     -------
     dict
-        ``{"lh": float32 (n_vertices,), "rh": float32 (n_vertices,)}``.
+        ``{"lh": float32 (n_lh,), "rh": float32 (n_rh,)}``.
     """
     vertex = np.asarray(geometry["vertex"], dtype=np.int64)
     hemi = _hemi_codes(geometry["hemi"])
     if hemi.shape != vertex.shape or vertex.ndim != 1:
         raise DataFormatError(f"geometry 'hemi' and 'vertex' must be 1-D of equal length; got {hemi.shape}, {vertex.shape}")
-    n = surface_size(geometry)
-    if vertex.size and (vertex.min() < 0 or vertex.max() >= n):
-        raise DataFormatError(f"geometry 'vertex' must lie in [0, {n}); got max {vertex.max()}")
+    sizes = hemisphere_sizes(geometry)
     v = _check_values(values, vertex.shape[0])
     out = {}
     for code, name in enumerate(_HEMIS):
-        arr = np.full(n, fill, dtype=np.float32)
         sel = hemi == code
+        n = sizes[code]
+        if sel.any() and (vertex[sel].min() < 0 or vertex[sel].max() >= n):
+            raise DataFormatError(f"geometry 'vertex' of {name} must lie in [0, {n}); got max {vertex[sel].max()}")
+        arr = np.full(n, fill, dtype=np.float32)
         arr[vertex[sel]] = v[sel]
         out[name] = arr
     return out
 
 
-def write_map(values, geometry: Mapping, out_dir: str | Path, name: str, fill: float = 0.0) -> list[Path]:
+def write_map(values, geometry: Mapping, out_dir: str | Path, name: str, fill: float = 0.0, *,
+              dtype=np.float32, description: str | None = None) -> list[Path]:
     """Write one per-voxel map in the subject's space.
 
     Parameters
@@ -141,6 +153,10 @@ def write_map(values, geometry: Mapping, out_dir: str | Path, name: str, fill: f
     name : str
         File stem: ``<name>.nii.gz`` (volume) or ``lh.<name>.mgh`` + ``rh.<name>.mgh`` (surface).
     fill : float
+    dtype : numpy dtype
+        Stored data type (e.g. ``np.int16`` for label maps; values are cast).
+    description : str, optional
+        NIfTI ``descrip`` field (at most 79 ASCII characters).
 
     Returns
     -------
@@ -152,10 +168,13 @@ def write_map(values, geometry: Mapping, out_dir: str | Path, name: str, fill: f
     v = np.asarray(values, dtype=np.float32)
     v = np.where(np.isfinite(v), v, np.float32(fill))
     if is_volume(geometry):
-        vol = values_to_volume(v, geometry, fill)
+        vol = values_to_volume(v, geometry, fill).astype(dtype)
         affine = np.asarray(geometry.get("affine", np.eye(4)), dtype=np.float64)
         img = nib.Nifti1Image(vol, affine)
+        img.set_data_dtype(dtype)
         img.header.set_xyzt_units("mm")
+        if description:
+            img.header["descrip"] = description.encode("ascii")[:79]
         path = out_dir / f"{name}.nii.gz"
         with atomic_path(path) as tmp:
             nib.save(img, tmp)
@@ -163,7 +182,7 @@ def write_map(values, geometry: Mapping, out_dir: str | Path, name: str, fill: f
     paths = []
     for hemi, arr in values_to_surface(v, geometry, fill).items():
         path = out_dir / f"{hemi}.{name}.mgh"
-        img = nib.MGHImage(arr.reshape(-1, 1, 1), np.eye(4))
+        img = nib.MGHImage(arr.astype(dtype).reshape(-1, 1, 1), np.eye(4))
         with atomic_path(path) as tmp:
             nib.save(img, tmp)
         paths.append(path)

@@ -269,3 +269,8 @@ def test_surface_size_accepts_the_prepared_per_hemisphere_list():
     assert surface_size(geo) == 12
     out = values_to_surface(np.array([1.0, 2.0]), geo)
     assert out["lh"][3] == 1.0 and out["rh"][11] == 2.0 and out["lh"].shape == (12,)
+    geo["n_vertices"] = [12, 10]  # unequal hemispheres keep their own sizes
+    out = values_to_surface(np.array([1.0, 2.0]), {**geo, "vertex": np.array([11, 9])})
+    assert out["lh"].shape == (12,) and out["rh"].shape == (10,) and out["rh"][9] == 2.0
+    with pytest.raises(DataFormatError, match="rh"):
+        values_to_surface(np.array([1.0, 2.0]), geo)  # vertex 11 >= 10 on rh
