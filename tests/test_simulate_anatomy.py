@@ -13,7 +13,7 @@ import pytest
 from brainenc.config import from_dict
 from brainenc.datasets import layout
 from brainenc.datasets.simulate import SimulationConfig, _make_brain, simulate_subject, subject_anatomy
-from brainenc.exceptions import ConfigError
+from brainenc.exceptions import ConfigError, DataFormatError
 
 TINY = {"n_sessions": 1, "n_shared": 25, "grid": (20, 24, 20), "write_stim_info": False, "write_hemi_rois": False}
 
@@ -101,3 +101,40 @@ def test_jitter_streams_and_validation():
     cfg = SimulationConfig(subject="subj01", anatomy_jitter=0.15, **{**TINY, "grid": (16, 18, 16)})
     with pytest.raises(ConfigError, match=r"'grid' .*too small.*raise 'grid' or lower 'anatomy_jitter'"):
         _make_brain(cfg, np.random.default_rng(0))
+
+
+# ---- unseen images (synthetic-fMRI augmentation pool) -------------------------------------------
+def test_unseen_images_are_what_the_root_would_show(jittered):
+    from brainenc.datasets.nsd import load_expdesign
+    from brainenc.datasets.simulate import _written_chunks
+    from brainenc.datasets.unseen import read_images, unseen_image_ids
+
+    root, _ = jittered
+    with h5py.File(layout.stimuli_path(root), "r") as f:
+        dset = f["imgBrick"]
+        seen = np.array(sorted(_written_chunks(dset)))
+        stored = dset[seen[:3]]
+    np.testing.assert_array_equal(read_images(root, seen[:3]), stored)  # rendering = the simulator's images
+    ids = unseen_image_ids(root, seen, 40, seed=3)
+    assert ids.shape == (40,) and np.all(np.diff(ids) > 0)
+    assert not np.isin(ids, seen).any()
+    assert not np.isin(ids, load_expdesign(layout.expdesign_path(root)).sharedix).any()
+    np.testing.assert_array_equal(ids, unseen_image_ids(root, seen, 40, seed=3))
+    assert not np.array_equal(ids, unseen_image_ids(root, seen, 40, seed=4))
+    img = read_images(root, ids[:2])
+    assert img.shape == (2,) + stored.shape[1:] and img.dtype == np.uint8 and img.std() > 0
+    with pytest.raises(DataFormatError, match="only"):
+        unseen_image_ids(root, seen, layout.N_IMAGES_73K, seed=0)
+
+
+def test_unseen_images_of_a_real_root_come_from_its_stimuli_file(tmp_path):
+    from brainenc.datasets.unseen import read_images
+
+    path = layout.stimuli_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    brick = np.random.default_rng(0).integers(0, 256, size=(12, 6, 6, 3), dtype=np.uint8)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("imgBrick", data=brick)
+    np.testing.assert_array_equal(read_images(tmp_path, [7, 2]), brick[[7, 2]])
+    with pytest.raises(DataFormatError, match="missing"):
+        read_images(tmp_path / "nowhere", [0])

@@ -62,13 +62,14 @@ from brainenc._utils.logging import get_logger, progress
 from brainenc._utils.validation import check_subject
 from brainenc.config import to_dict
 from brainenc.datasets import _scenes, layout
-from brainenc.exceptions import BrainencError, ConfigError
+from brainenc.exceptions import BrainencError, ConfigError, DataFormatError
 
 __all__ = [
     "SimulationConfig",
     "SimulationResult",
     "SimulationExistsError",
     "simulate_subject",
+    "render_stimulus",
     "make_design",
     "compute_ncsnr",
     "subject_anatomy",
@@ -738,6 +739,33 @@ def _remove_subject_files(root: Path, subject: str) -> None:
                 (rdir / f"{pre}{fam}.nii.gz").unlink(missing_ok=True)
 
 
+def quantise_stimulus(image: np.ndarray, bits: int) -> np.ndarray:
+    """Round uint8 ``image`` to ``bits`` bits per channel (the simulator's stored stimuli; 8 = unchanged)."""
+    step = 1 << (8 - int(bits))
+    if step == 1:
+        return image
+    return np.minimum(255, (image.astype(np.int32) + step // 2) // step * step).astype(np.uint8)
+
+
+def render_stimulus(root: str | Path, nsd_id: int) -> np.ndarray:
+    """The image a simulated NSD root shows (or would show) for 0-based 73k id ``nsd_id``.
+
+    The simulator renders only the images its subjects see; every other id's image is the same pure
+    function of the design seed, so this gives a simulated root's *unseen* images too (uint8
+    ``(425, 425, 3)``, quantised to the design's ``stimulus_bits``).
+    """
+    man = layout.simulation_manifest(Path(root))
+    if man is None:
+        raise DataFormatError(f"{root}: not a simulated NSD root (no {layout.SIMULATION_MANIFEST}); real images "
+                              "come from its nsd_stimuli.hdf5")
+    nsd_id = int(nsd_id)
+    if not 0 <= nsd_id < layout.N_IMAGES_73K:
+        raise DataFormatError(f"73k id {nsd_id} out of range 0..{layout.N_IMAGES_73K - 1}")
+    design = man.get("design", {})
+    seed = int(design.get("seed", man.get("seed", 0)))
+    return quantise_stimulus(_scenes.render_scene(seed, nsd_id).image, int(design.get("stimulus_bits", 8)))
+
+
 def simulate_subject(nsd_root: str | Path, cfg: SimulationConfig | None = None,
                      overwrite: bool = False) -> SimulationResult:
     """Write a simulated subject in the NSD release layout under ``nsd_root``.
@@ -828,7 +856,6 @@ def _simulate(root: Path, cfg: SimulationConfig, overwrite: bool) -> SimulationR
     fractions = np.zeros((n_img, len(_scenes.CATEGORIES)))
     background = np.zeros(n_img, dtype=np.int16)
     placements = []
-    step = 1 << (8 - cfg.stimulus_bits)
     stim_path = layout.stimuli_path(root)
     order = np.argsort(image_ids)
     with atomic_path(stim_path) as tmp:
@@ -847,9 +874,7 @@ def _simulate(root: Path, cfg: SimulationConfig, overwrite: bool) -> SimulationR
             for row in progress(order, desc="rendering stimuli", total=n_img, unit="img"):
                 nsd_id = int(image_ids[row])
                 scene = _scenes.render_scene(cfg.seed, nsd_id)
-                img = scene.image
-                if step > 1:
-                    img = np.minimum(255, (img.astype(np.int32) + step // 2) // step * step).astype(np.uint8)
+                img = quantise_stimulus(scene.image, cfg.stimulus_bits)
                 if nsd_id not in chunk_written:
                     dset[nsd_id] = img
                     kill_point("stimuli")  # crash tests: inside the (large) stimuli file write

@@ -344,13 +344,21 @@ def _define_objectives():
     return _VoxelSubsetRegression, _TokenDecoding
 
 
-def _train_split(model, train_cfg, objective, data: Mapping[str, Any], split, run_dir, resume):
-    """Train ``model`` on the rows ``split = (train, val or None)`` of ``data``; returns the FitResult."""
+def _train_split(model, train_cfg, objective, data: Mapping[str, Any], split, run_dir, resume, extra=None):
+    """Train ``model`` on the rows ``split = (train, val or None)`` of ``data``; returns the FitResult.
+
+    ``extra`` (same keys as ``data``) are rows appended to the training rows only (never validated on).
+    """
     from brainenc.training import Trainer
+    from brainenc.training.data import ConcatRows
 
     ti, vi = split
     val = _subset(data, vi) if vi is not None else None
-    res = Trainer(model, train_cfg, objective=objective, run_dir=run_dir).fit(_subset(data, ti), val=val, resume=resume)
+    train = _subset(data, ti)
+    if extra is not None:
+        train = {k: (np.concatenate([v, np.asarray(extra[k], dtype=v.dtype)]) if isinstance(v, np.ndarray)
+                     else ConcatRows([v, extra[k]])) for k, v in train.items()}
+    res = Trainer(model, train_cfg, objective=objective, run_dir=run_dir).fit(train, val=val, resume=resume)
     model.eval()
     return res
 
@@ -807,6 +815,8 @@ class BrainITDecoder(_MultiSubjectNet):
     voxel_counts_, subjects_, n_tokens_, token_dim_, group_sizes_
     clusters_ : int64 [sum V] cluster id per global voxel (the tokenizer's membership)
     target_mean_, target_std_ : float32 [token_dim] (predictions are returned in target units)
+    n_augmented_ : int
+        Synthetic examples trained on besides the real ones (``fit(augment=...)``).
     """
 
     _tag = "brainit"
@@ -851,8 +861,8 @@ class BrainITDecoder(_MultiSubjectNet):
         return sizes, samples
 
     def fit(self, responses, subject, targets, *, voxel_counts: Sequence[int], clusters, n_clusters: int,
-            group_sizes: Sequence[int] | None = None, subjects: Sequence[str] | None = None, run_dir=None,
-            resume: bool = False) -> "BrainITDecoder":
+            group_sizes: Sequence[int] | None = None, subjects: Sequence[str] | None = None, augment=None,
+            run_dir=None, resume: bool = False) -> "BrainITDecoder":
         """Train on examples of several subjects.
 
         Parameters
@@ -869,6 +879,10 @@ class BrainITDecoder(_MultiSubjectNet):
         n_clusters : int
         group_sizes : int sequence, optional
             Tokens per scale of ``targets`` (``loss='infonce'``; default one scale).
+        augment : (responses [m, V_max], subject [m], targets [m, M, D]), optional
+            Synthetic examples (the paper's EXT set: the universal encoder's predicted responses to
+            images no subject saw), added to the training rows only: never validated on, and not in
+            the target statistics.
         """
         from brainenc.models.brainit import BrainIT
         from brainenc.training import seed_everything
@@ -887,6 +901,9 @@ class BrainITDecoder(_MultiSubjectNet):
                                   f"got {clusters.size} values in {clusters.min()}..{clusters.max()}")
         names = _subject_names(subjects, counts)
         M, D = int(np.shape(targets)[1]), int(np.shape(targets)[2])
+        extra = None
+        if augment is not None:
+            extra = self._check_augment(augment, counts, np.shape(responses)[1], (M, D))
         sizes, samples = self._groups(group_sizes, M)
         split = _split_rows(n, self.val_fraction, self.val_seed)
         mean, std = channel_statistics(RowSubset(targets, split[0]))
@@ -897,12 +914,27 @@ class BrainITDecoder(_MultiSubjectNet):
         objective = Obj(counts, clusters, k=self.voxels_per_example, loss=self.loss, group_sizes=sizes,
                         group_samples=samples, logit_scale=self.logit_scale, mean=mean, std=std, seed=train.seed)
         data = {"y": responses, "subject": subject, "target": targets}
-        res = _train_split(model, train, objective, data, split, run_dir, resume)
+        res = _train_split(model, train, objective, data, split, run_dir, resume, extra)
         self._set_trained(model, res, names, counts)
+        self.n_augmented_ = 0 if extra is None else len(extra["y"])
         self.clusters_, self.n_clusters_ = clusters, n_clusters
         self.n_tokens_, self.token_dim_, self.group_sizes_ = M, D, sizes
         self.target_mean_, self.target_std_ = mean.astype(np.float32), std.astype(np.float32)
         return self
+
+    @staticmethod
+    def _check_augment(augment, counts, width, target_shape) -> dict:
+        if not isinstance(augment, (tuple, list)) or len(augment) != 3:
+            raise DataFormatError("'augment' must be (responses [m, V_max], subject [m], targets [m, M, D])")
+        y, subj, tgt = augment
+        m = len(y)
+        if np.ndim(y) != 2 or np.shape(y)[1] != width:
+            raise DataFormatError(f"'augment' responses must be [m, {width}] like 'responses'; got {np.shape(y)}")
+        subj = _check_subject_rows(subj, counts, m)
+        if tuple(np.shape(tgt)) != (m,) + tuple(target_shape):
+            raise DataFormatError(f"'augment' targets must be [{m}, {target_shape[0]}, {target_shape[1]}]; "
+                                  f"got {np.shape(tgt)}")
+        return {"y": y, "subject": subj, "target": tgt}
 
     # ---- inference ----------------------------------------------------------------------------
     def predict(self, responses, subject, batch_size: int = 16, *, standardized: bool = False) -> np.ndarray:
@@ -987,7 +1019,8 @@ class BrainITDecoder(_MultiSubjectNet):
         arrays.update({"clusters": np.asarray(self.clusters_, dtype=np.int64),
                        "target_mean": self.target_mean_, "target_std": self.target_std_})
         meta.update({"n_clusters": int(self.n_clusters_), "n_tokens": int(self.n_tokens_),
-                     "token_dim": int(self.token_dim_), "group_sizes": list(self.group_sizes_)})
+                     "token_dim": int(self.token_dim_), "group_sizes": list(self.group_sizes_),
+                     "n_augmented": int(getattr(self, "n_augmented_", 0))})
         return arrays, meta
 
     def _restore_fitted(self, arrays, meta):
@@ -1000,5 +1033,6 @@ class BrainITDecoder(_MultiSubjectNet):
         self.clusters_ = np.asarray(arrays["clusters"], dtype=np.int64)
         self.n_clusters_, self.n_tokens_, self.token_dim_ = int(meta["n_clusters"]), int(meta["n_tokens"]), int(meta["token_dim"])
         self.group_sizes_ = [int(g) for g in meta["group_sizes"]]
+        self.n_augmented_ = int(meta.get("n_augmented", 0))
         self.target_mean_ = np.asarray(arrays["target_mean"], dtype=np.float32)
         self.target_std_ = np.asarray(arrays["target_std"], dtype=np.float32)

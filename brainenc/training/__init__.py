@@ -11,6 +11,7 @@ from brainenc.training.checkpoint import (
 )
 from brainenc.training.data import (
     ArrayDataset,
+    ConcatRows,
     DictDataset,
     GlobalBatchSampler,
     RowSubset,
@@ -42,6 +43,7 @@ __all__ = [
     "ArrayDataset",
     "DictDataset",
     "RowSubset",
+    "ConcatRows",
     "channel_statistics",
     "GlobalBatchSampler",
     "make_loader",

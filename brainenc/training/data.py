@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from brainenc.exceptions import DataFormatError
 
-__all__ = ["ArrayDataset", "DictDataset", "RowSubset", "GlobalBatchSampler", "make_loader", "make_dict_loader",
+__all__ = ["ArrayDataset", "DictDataset", "RowSubset", "ConcatRows", "GlobalBatchSampler", "make_loader", "make_dict_loader",
            "channel_statistics", "INDEX_KEY"]
 
 #: Key of the dataset row indices [b] (int64) that :class:`DictDataset` adds to every batch.
@@ -95,6 +95,55 @@ class RowSubset:
         if np.ndim(rows) == 0:
             return self.array[int(rows)]
         return _sorted_read(self.array, rows)
+
+
+class ConcatRows:
+    """Lazy row concatenation of arrays with equal trailing shapes (e.g. real and synthetic examples).
+
+    Rows ``0 .. len(parts[0]) - 1`` are ``parts[0]``'s, the next ones ``parts[1]``'s, and so on; a read
+    touches each part only for its own rows (in increasing order, fast on memmaps). Nothing is copied
+    up front.
+
+    Parameters
+    ----------
+    parts : sequence of arrays [n_i, ...]
+    """
+
+    def __init__(self, parts: Sequence[Any]):
+        parts = list(parts)
+        if not parts:
+            raise DataFormatError("ConcatRows needs at least one array")
+        tails = {tuple(np.shape(p)[1:]) for p in parts}
+        if len(tails) != 1:
+            raise DataFormatError(f"ConcatRows: the arrays' shapes past the first axis differ: {sorted(tails)}")
+        self.parts = parts
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        self.dtype = np.result_type(*[np.dtype(p.dtype) for p in parts])
+        self.shape = (int(self.offsets[-1]),) + tails.pop()
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            idx = np.arange(*idx.indices(len(self)))
+        rows = np.asarray(idx, dtype=np.int64)
+        if rows.ndim == 0:
+            r = int(rows) + len(self) if int(rows) < 0 else int(rows)
+            if not 0 <= r < len(self):
+                raise IndexError(f"row {int(rows)} out of range for {len(self)} rows")
+            k = int(np.searchsorted(self.offsets, r, side="right") - 1)
+            return np.asarray(self.parts[k][r - int(self.offsets[k])], dtype=self.dtype)
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows out of range for {len(self)} rows")
+        out = np.empty((rows.size,) + self.shape[1:], dtype=self.dtype)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        for k in np.unique(part).tolist():
+            sel = np.nonzero(part == k)[0]
+            out[sel] = _sorted_read(self.parts[k], rows[sel] - self.offsets[k], self.dtype)
+        return out
 
 
 class ArrayDataset(Dataset):

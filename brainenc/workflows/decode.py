@@ -2,7 +2,8 @@
 
 Stage graph (one run over a group of subjects, ``runs/<pipeline>/<run name>``)::
 
-    data -> features -> encoder -> clusters -> bit.semantic, bit.lowlevel, ridge -> transfer -> evaluate -> report
+    data -> features -> encoder [-> augment] -> clusters -> bit.semantic, bit.lowlevel, ridge -> evaluate
+         -> transfer -> report
 
 - ``data``: every subject of ``[data] subjects`` and the transfer subject exists (simulated first when
   ``simulate = true``: same design, each subject its own anatomy with ``[simulate] anatomy_jitter``) and
@@ -11,8 +12,13 @@ Stage graph (one run over a group of subjects, ``runs/<pipeline>/<run name>``)::
 - ``features``: frozen-backbone tokens of every image (shared feature cache): the encoder's layers,
   the semantic target layer and the low-level layers (tiled to one width, ``features/lowlevel.npy``).
 - ``encoder``: the universal encoder on the training rows of all base subjects (models/encoder).
+- ``augment`` (with ``[augment] n_images > 0``): synthetic fMRI, the paper's EXT set. ``n_images``
+  73k images that no subject of the run saw (never the shared1000; rendered on a simulated root),
+  each given to one base subject (balanced, seeded), whose responses the universal encoder predicts;
+  their target tokens too (``augment/``).
 - ``clusters``: the Gaussian mixture on its voxel embeddings (models/clusters).
-- ``bit.semantic`` / ``bit.lowlevel``: one BIT per target (MSE / multi-scale InfoNCE).
+- ``bit.semantic`` / ``bit.lowlevel``: one BIT per target (MSE / multi-scale InfoNCE), on the real
+  training rows plus the synthetic ones when ``augment`` ran (validation on real rows only).
 - ``ridge``: the reference decoder, one ridge per subject and target on the same rows.
 - ``transfer``: the transfer subject from ``k`` sessions: encoder embeddings, nearest-voxel clusters,
   BIT embeddings (initialised from the nearest reference voxel), vs a ridge on the same ``k`` sessions.
@@ -36,8 +42,8 @@ from brainenc.exceptions import ConfigError, DataFormatError
 from brainenc.workflows.engine import Stage, StageContext
 from brainenc.workflows.reconstruct import parse_prepare, parse_simulate
 
-__all__ = ["DecodeData", "DecodeFeatures", "DecodeTransfer", "DecodeEvaluate", "SECTIONS", "build_decode_graph",
-           "TARGETS"]
+__all__ = ["DecodeData", "DecodeFeatures", "DecodeAugment", "DecodeTransfer", "DecodeEvaluate", "SECTIONS",
+           "build_decode_graph", "TARGETS"]
 
 log = get_logger("workflows")
 
@@ -148,6 +154,29 @@ class DecodeFeatures:
 
 
 @dataclasses.dataclass
+class DecodeAugment:
+    """``[augment]``: synthetic-fMRI augmentation of the BIT training set (reference b.4, the EXT set).
+
+    Attributes
+    ----------
+    n_images : int
+        Unseen images to add (0 = off). Each is given to one base subject (balanced over subjects), the
+        universal encoder predicts that subject's responses, and BIT trains on them with the real rows.
+    seed : int
+        Which unseen images, and which subject each goes to.
+    """
+
+    n_images: int = 0
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("n_images", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"'augment.{name}' must be an integer >= 0; {v!r} was provided")
+
+
+@dataclasses.dataclass
 class DecodeTransfer:
     """``[transfer]``: training overrides for the new subject (only its voxel embeddings train).
 
@@ -200,7 +229,7 @@ SECTIONS = {
     "bit_semantic": _estimator_table("brainenc.decoding.brainit.BrainITDecoder", {"loss": "mse"}),
     "bit_lowlevel": _estimator_table("brainenc.decoding.brainit.BrainITDecoder", {"loss": "infonce"}),
     "ridge": _estimator_table("brainenc.decoding.ridge.RidgeDecoder"),
-    "transfer": DecodeTransfer, "evaluate": DecodeEvaluate, "report": DecodeReport,
+    "augment": DecodeAugment, "transfer": DecodeTransfer, "evaluate": DecodeEvaluate, "report": DecodeReport,
 }
 
 
@@ -233,7 +262,7 @@ class _Data:
     def features(self, layer, image_ids, stimuli):
         from brainenc.features import HDF5Images, extract_features
 
-        key = ("features", str(layer))
+        key = ("features", str(layer), str(stimuli))
         if key not in self._cache:
             self._cache[key] = extract_features(HDF5Images(stimuli), image_ids, self.sec["features"].spec(layer),
                                                 cache_dir=self.run.features_root)
@@ -311,10 +340,26 @@ def _stage_data(sec, run):
     return body
 
 
+def _write_lowlevel(path: Path, low: list, dim: int) -> list[int]:
+    """The low-level layers' tokens tiled to ``dim`` channels, streamed into float16 ``path``
+    (``[n, sum T_l, dim]``, written under a temporary name); returns the tokens per scale."""
+    from brainenc.decoding.brainit import concat_token_scales
+
+    n, n_tok = len(low[0]), sum(int(t.shape[1]) for t in low)
+    tmp = path.with_name(path.stem + ".partial.npy")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, n_tok, dim))
+    sizes = [int(t.shape[1]) for t in low]
+    for a in range(0, n, 256):  # streamed: the tiled array is never in memory whole
+        block, sizes = concat_token_scales([np.asarray(t[a:a + 256], np.float32) for t in low], dim)
+        arr[a:a + 256] = block
+    arr.flush()
+    del arr
+    tmp.replace(path)
+    return sizes
+
+
 def _stage_features(sec, run, data: _Data):
     def body(ctx: StageContext) -> dict:
-        from brainenc.decoding.brainit import concat_token_scales
-
         rec = ctx.inputs["data"]
         paths = list(rec["prepared"].values()) + list(rec["transfer"].values())
         dss = [data.prepared(p) for p in paths]
@@ -331,17 +376,8 @@ def _stage_features(sec, run, data: _Data):
         folder.mkdir(parents=True, exist_ok=True)
         low = [data.features(layer, ids, str(stimuli)).tokens for layer in f.lowlevel_layers]
         dim = int(f.lowlevel_dim or max(int(t.shape[2]) for t in low))
-        n_tok = sum(int(t.shape[1]) for t in low)
         path = folder / "lowlevel.npy"
-        tmp = folder / "lowlevel.partial.npy"
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(ids), n_tok, dim))
-        sizes = None
-        for a in range(0, len(ids), 256):  # streamed: the tiled array is never in memory whole
-            block, sizes = concat_token_scales([np.asarray(t[a:a + 256], np.float32) for t in low], dim)
-            arr[a:a + 256] = block
-        arr.flush()
-        del arr
-        tmp.replace(path)
+        sizes = _write_lowlevel(path, low, dim)
         np.save(folder / "image_ids.npy", ids)
         return {"stimuli": str(stimuli), "image_ids_all": ids.tolist(), "layers": layers,
                 "lowlevel": {"path": str(path), "image_ids": str(folder / "image_ids.npy"), "group_sizes": sizes,
@@ -360,7 +396,7 @@ def _stage_encoder(sec, data: _Data):
         est = UniversalBrainEncoder.from_config(sec["encoder"], prefix="encoder.")
         t0 = time.perf_counter()
         est.fit(_encoder_tokens(data, frec, table.image_id), ms.padded_responses(table), table.subject,
-                voxel_counts=ms.n_voxels.tolist(), subjects=ms.subjects, run_dir=ctx.run_dir / "train" / "encoder",
+                voxel_counts=ms.n_voxels.tolist(), subjects=ms.subjects, run_dir=ctx.checkpoint_dir("encoder"),
                 resume=True)
         test_r = {}
         for s in ms.subjects:
@@ -374,6 +410,81 @@ def _stage_encoder(sec, data: _Data):
                  {k: round(v, 3) for k, v in test_r.items()})
         return {"model": str(folder), "test_r": test_r, "best_epoch": est.best_epoch_, "files": [str(folder)]}
     return body
+
+
+def _stage_augment(sec, run, data: _Data):
+    def body(ctx: StageContext) -> dict:
+        import h5py
+
+        from brainenc._utils.io import atomic_path
+        from brainenc._utils.logging import progress
+        from brainenc.datasets.unseen import read_images, unseen_image_ids
+        from brainenc.decoding.brainit import UniversalBrainEncoder
+        from brainenc.training.data import RowSubset
+
+        a: DecodeAugment = sec["augment"]
+        f: DecodeFeatures = sec["features"]
+        frec = ctx.inputs["features"]
+        ms = data.multi(ctx.inputs["data"])
+        t0 = time.perf_counter()
+        ids = unseen_image_ids(run.nsd_root, frec["image_ids_all"], a.n_images, a.seed)
+        n = len(ids)
+        folder = ctx.run_dir / "augment"
+        folder.mkdir(parents=True, exist_ok=True)
+        stim = folder / "stimuli.hdf5"
+        first = read_images(run.nsd_root, ids[:1])
+        with atomic_path(stim) as tmp:
+            with h5py.File(tmp, "w") as h:
+                dset = h.create_dataset("imgBrick", shape=(n,) + first.shape[1:], dtype=np.uint8,
+                                        chunks=(1,) + first.shape[1:], compression="gzip", compression_opts=1)
+                for b in progress(range(0, n, 32), desc="augment: unseen images", total=-(-n // 32), unit="block"):
+                    dset[b:b + 32] = read_images(run.nsd_root, ids[b:b + 32])
+        local = np.arange(n, dtype=np.int64)  # rows of augment/stimuli.hdf5
+        np.save(folder / "image_ids.npy", ids)
+        enc = UniversalBrainEncoder.from_pretrained(ctx.inputs["encoder"]["model"])
+        tokens = [_rows_of(data.features(layer, local, str(stim)), local) for layer in f.encoder_layers]
+        S = len(ms.subjects)
+        subject = np.random.default_rng([a.seed, 0x5B]).permutation(np.arange(n) % S).astype(np.int64)
+        width = int(ms.n_voxels.max())
+        resp_path = folder / "responses.npy"
+        tmp = folder / "responses.partial.npy"
+        resp = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, width))
+        for s in range(S):  # zero-padded like PaddedResponses: subject s in its first V_s columns
+            rows = np.nonzero(subject == s)[0]
+            V = int(ms.n_voxels[s])
+            for b in range(0, rows.size, 256):
+                r = rows[b:b + 256]
+                resp[r, :V] = enc.predict([RowSubset(t, r) for t in tokens], s)
+        resp.flush()
+        del resp
+        tmp.replace(resp_path)
+        np.save(folder / "subject.npy", subject)
+        data.features(f.semantic_layer, local, str(stim))  # cached for the bit stages
+        low = [data.features(layer, local, str(stim)).tokens for layer in f.lowlevel_layers]
+        low_path = folder / "lowlevel.npy"
+        sizes = _write_lowlevel(low_path, low, int(frec["lowlevel"]["dim"]))
+        if sizes != list(frec["lowlevel"]["group_sizes"]):
+            raise DataFormatError(f"{low_path}: low-level scales {sizes} differ from the real images' "
+                                  f"{frec['lowlevel']['group_sizes']} (image sizes differ?)")
+        per = np.bincount(subject, minlength=S).tolist()
+        log.info("augment: %d unseen images (%s per subject) in %.1f s", n, per, time.perf_counter() - t0)
+        files = [str(stim), str(resp_path), str(low_path), str(folder / "subject.npy"), str(folder / "image_ids.npy")]
+        return {"stimuli": str(stim), "n_images": n, "image_ids": str(folder / "image_ids.npy"),
+                "subject": str(folder / "subject.npy"), "responses": str(resp_path), "per_subject": per,
+                "lowlevel": str(low_path), "files": files}
+    return body
+
+
+def _augment_set(data: _Data, arec: dict, target: str) -> tuple:
+    """(responses [m, V_max], subject [m], targets [m, M, D]) of the synthetic examples (lazy)."""
+    y = np.load(arec["responses"], mmap_mode="r", allow_pickle=False)
+    subject = np.load(arec["subject"], allow_pickle=False)
+    local = np.arange(len(subject), dtype=np.int64)
+    if target == "semantic":
+        tgt = _rows_of(data.features(data.sec["features"].semantic_layer, local, arec["stimuli"]), local)
+    else:
+        tgt = np.load(arec["lowlevel"], mmap_mode="r", allow_pickle=False)
+    return y, subject, tgt
 
 
 def _stage_clusters(sec, data: _Data):
@@ -403,15 +514,17 @@ def _stage_bit(sec, data: _Data, target: str):
         table = ms.examples("train")
         est = BrainITDecoder.from_config(sec[f"bit_{target}"], prefix=f"bit_{target}.")
         sizes = frec["lowlevel"]["group_sizes"] if target == "lowlevel" else None
+        augment = _augment_set(data, ctx.inputs["augment"], target) if "augment" in ctx.inputs else None
         t0 = time.perf_counter()
         est.fit(ms.padded_responses(table), table.subject, _targets(data, frec, target, table.image_id),
                 voxel_counts=ms.n_voxels.tolist(), clusters=cl.cluster_table(), n_clusters=cl.n_clusters,
-                group_sizes=sizes, subjects=ms.subjects, run_dir=ctx.run_dir / "train" / f"bit_{target}", resume=True)
+                group_sizes=sizes, subjects=ms.subjects, augment=augment, run_dir=ctx.checkpoint_dir(f"bit_{target}"), resume=True)
         folder = ctx.run_dir / "models" / f"bit_{target}"
         est.save_pretrained(folder)
-        log.info("bit.%s: %d examples, %.1f s (best epoch %d)", target, len(table), time.perf_counter() - t0,
-                 est.best_epoch_)
-        return {"model": str(folder), "best_epoch": est.best_epoch_, "files": [str(folder)]}
+        log.info("bit.%s: %d examples + %d synthetic, %.1f s (best epoch %d)", target, len(table), est.n_augmented_,
+                 time.perf_counter() - t0, est.best_epoch_)
+        return {"model": str(folder), "best_epoch": est.best_epoch_, "n_augmented": est.n_augmented_,
+                "files": [str(folder)]}
     return body
 
 
@@ -483,12 +596,12 @@ def _stage_transfer(sec, data: _Data):
             t0 = time.perf_counter()
             enc_k = enc.fit_new_subject(_encoder_tokens(data, frec, ids), Y, name=d.transfer_subject,
                                         train=tr_cfg.encoder_train or None,
-                                        run_dir=ctx.run_dir / "train" / f"transfer{k}_encoder", resume=True)
+                                        run_dir=ctx.checkpoint_dir(f"transfer{k}_encoder"), resume=True)
             labels, nearest = cl.assign(enc_k.voxel_embeddings(d.transfer_subject))
             bit_k = bit.fit_new_subject(Y, _targets(data, frec, "semantic", ids), name=d.transfer_subject,
                                         clusters=labels, init_from=nearest if tr_cfg.init_from_nearest else None,
                                         train=tr_cfg.bit_train or None,
-                                        run_dir=ctx.run_dir / "train" / f"transfer{k}_bit", resume=True)
+                                        run_dir=ctx.checkpoint_dir(f"transfer{k}_bit"), resume=True)
             r_bit = _retrieval(bit_k.predict(Y_test, d.transfer_subject), true, kind)
             r_ridge = _retrieval(_ridge_fit_predict(sec, Y, _targets(data, frec, "semantic", ids), Y_test), true, kind)
             for name, r in (("bit", r_bit), ("ridge", r_ridge)):
@@ -593,10 +706,15 @@ def build_decode_graph(spec, run) -> list[Stage]:
         Stage("features", _stage_features(sec, run, data), to_dict(sec["features"]), deps=["data"]),
         Stage("encoder", _stage_encoder(sec, data), sec["encoder"], deps=["data", "features"]),
         Stage("clusters", _stage_clusters(sec, data), sec["clusters"], deps=["encoder"]),
-        Stage("bit.semantic", _stage_bit(sec, data, "semantic"), sec["bit_semantic"],
-              deps=["data", "features", "clusters"]),
-        Stage("bit.lowlevel", _stage_bit(sec, data, "lowlevel"), sec["bit_lowlevel"],
-              deps=["data", "features", "clusters"]),
+    ]
+    bit_deps = ["data", "features", "clusters"]
+    if sec["augment"].n_images > 0:
+        stages.append(Stage("augment", _stage_augment(sec, run, data), to_dict(sec["augment"]),
+                            deps=["data", "features", "encoder"]))
+        bit_deps.append("augment")
+    stages += [
+        Stage("bit.semantic", _stage_bit(sec, data, "semantic"), sec["bit_semantic"], deps=bit_deps),
+        Stage("bit.lowlevel", _stage_bit(sec, data, "lowlevel"), sec["bit_lowlevel"], deps=bit_deps),
         Stage("ridge", _stage_ridge(sec, data), sec["ridge"], deps=["data", "features"]),
         Stage("evaluate", _stage_evaluate(sec, data), to_dict(sec["evaluate"]),
               deps=["data", "features", "bit.semantic", "bit.lowlevel", "ridge"]),

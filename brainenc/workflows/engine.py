@@ -70,6 +70,23 @@ class StageContext:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
+    def checkpoint_dir(self, name: str) -> Path:
+        """``train/<name>/<stage key>/`` in the run folder (created) for a trainer's checkpoints.
+
+        Other keys' folders under ``train/<name>/`` are removed: a checkpoint written under another
+        configuration or other data must never be resumed.
+        """
+        import shutil
+
+        root = self.run_dir / "train" / name
+        folder = root / self.key[:16]
+        if root.is_dir():
+            for old in root.iterdir():
+                if old != folder:
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
     def rel(self, path: str | Path) -> str:
         """``path`` relative to the run folder when inside it, else absolute (for records)."""
         path = Path(path).resolve()

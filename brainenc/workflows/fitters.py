@@ -18,9 +18,7 @@ rows) and must
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -155,18 +153,6 @@ def fit_ridge(ctx, fit, data: FitData) -> dict:
             "extras": {"alpha": ctx.rel(alpha)}}
 
 
-def _checkpoint_dir(ctx, name: str) -> Path:
-    """``train/<name>/<stage key>/`` (created); other keys' folders under ``train/<name>/`` are removed."""
-    root = ctx.run_dir / "train" / name
-    folder = root / ctx.key[:16]
-    if root.is_dir():
-        for old in root.iterdir():  # a stale configuration's checkpoints: resuming them would be wrong
-            if old != folder:
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def fit_routing(ctx, fit, data: FitData) -> dict:
     """Train :class:`brainenc.encoding.RoutingEncoder` on the train rows' patch tokens.
 
@@ -204,7 +190,7 @@ def fit_routing(ctx, fit, data: FitData) -> dict:
     train = data.splits["train"]
     enc = fit.build()
     mdir = ctx.run_dir / "models" / fit.name
-    train_dir = _checkpoint_dir(ctx, fit.name)
+    train_dir = ctx.checkpoint_dir(fit.name)
     resume = any(train_dir.iterdir())
     t0 = time.perf_counter()
     enc.fit(tokens[train], np.asarray(data.responses[train], dtype=np.float32), grid=tuple(data.grid),

@@ -136,6 +136,40 @@ def test_bit_fits_saves_and_transfers(tmp_path, loss):
     assert new.predict(Y[:3, :30], "c").shape == (3, 12, 6)
 
 
+def test_bit_augment_rows_train_but_never_validate(monkeypatch):
+    from brainenc.training import Trainer
+
+    _, Y, subject, targets = _problem()
+    _, Ya, sa, ta = _problem(n=16, seed=1)
+    ta = ta * 10 + 5  # synthetic targets far from the real ones: they must not enter the statistics
+    clusters = np.arange(sum(COUNTS)) % 4
+    seen = []
+    real_fit = Trainer.fit
+
+    def spy(self, train, Y=None, val=None, **kw):
+        seen.append((len(train["y"]), len(val["y"]), np.asarray(val["target"][:]).max()))
+        return real_fit(self, train, Y, val, **kw)
+
+    monkeypatch.setattr(Trainer, "fit", spy)
+    kw = dict(voxel_counts=COUNTS, clusters=clusters, n_clusters=4)
+    base = _bit().fit(Y, subject, targets, **kw)
+    aug = _bit().fit(Y, subject, targets, augment=(Ya, sa, ta), **kw)
+    (n_base, v_base, _), (n_aug, v_aug, vmax) = seen
+    assert (n_base, v_base) == (36, 12) and (n_aug, v_aug) == (36 + 16, 12)  # validation: the same real rows
+    assert vmax <= np.abs(targets).max()
+    assert aug.n_augmented_ == 16 and base.n_augmented_ == 0
+    np.testing.assert_array_equal(aug.target_mean_, base.target_mean_)
+    np.testing.assert_array_equal(aug.target_std_, base.target_std_)
+    a, b = aug.model_.state_dict(), base.model_.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the synthetic rows were trained on
+    with pytest.raises(DataFormatError, match="'augment' responses"):
+        _bit().fit(Y, subject, targets, augment=(Ya[:, :40], sa, ta), **kw)
+    with pytest.raises(DataFormatError, match="'augment' targets"):
+        _bit().fit(Y, subject, targets, augment=(Ya, sa, ta[:, :5]), **kw)
+    with pytest.raises(DataFormatError, match="'subject' indices"):
+        _bit().fit(Y, subject, targets, augment=(Ya, sa + 5, ta), **kw)
+
+
 def test_bit_initialisation_from_nearest_copies_embeddings():
     _, Y, subject, targets = _problem()
     clusters = np.arange(sum(COUNTS)) % 4

@@ -214,6 +214,27 @@ def test_row_subset_reads_memmap_rows_lazily(tmp_path):
     np.testing.assert_array_equal(x.numpy(), arr[[2, 5, 7]])
 
 
+def test_concat_rows_reads_each_part_for_its_rows(tmp_path):
+    from brainenc.training import ConcatRows, RowSubset
+
+    a = np.arange(24, dtype=np.float32).reshape(4, 3, 2)
+    np.save(tmp_path / "b.npy", -np.arange(30, dtype=np.float16).reshape(5, 3, 2))
+    b = np.load(tmp_path / "b.npy", mmap_mode="r")
+    both = np.concatenate([a, np.asarray(b, np.float32)])
+    cat = ConcatRows([RowSubset(a, [0, 1, 2, 3]), b])
+    assert len(cat) == 9 and cat.shape == (9, 3, 2) and cat.dtype == np.float32
+    idx = np.array([8, 0, 4, 3, 4, -1])
+    np.testing.assert_array_equal(cat[idx], both[idx])
+    np.testing.assert_array_equal(cat[2:7], both[2:7])
+    np.testing.assert_array_equal(cat[5], both[5])
+    x, = ArrayDataset(cat).__getitems__([6, 1])
+    np.testing.assert_array_equal(x.numpy(), both[[6, 1]])
+    with pytest.raises(IndexError):
+        cat[np.array([9])]
+    with pytest.raises(DataFormatError, match="shapes"):
+        ConcatRows([a, np.zeros((2, 3, 3))])
+
+
 # ---- streamed channel statistics (token standardisation) ----------------------------------------
 @pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
 def test_channel_statistics_match_numpy_for_any_chunking(chunk_rows, tmp_path):

@@ -54,6 +54,9 @@ train = {{epochs = 2, batch_size = 32, warmup_epochs = 1}}
 [ridge]
 alphas = [100.0, 10000.0]
 
+[augment]
+n_images = 24
+
 [transfer]
 encoder_train = {{epochs = 1}}
 bit_train = {{epochs = 1, warmup_epochs = 0}}
@@ -108,6 +111,33 @@ def test_decode_end_to_end(tmp_path):
     again = feature_retrieval(bit.predict(np.asarray(dss["subj02"].responses[rows]), "subj02"), true)
     assert again["two_way"] == pytest.approx(r["two_way"], abs=1e-9)
 
+    # augmentation: unseen images, the encoder's predictions for their assigned subject, in the BIT training set
+    aug = stage("augment")
+    aug_ids = np.load(aug["image_ids"])
+    from brainenc.datasets import layout
+    from brainenc.datasets.nsd import load_expdesign
+    from brainenc.datasets.unseen import read_images
+
+    assert aug_ids.size == 24 and not np.isin(aug_ids, frec["image_ids_all"]).any()
+    assert not np.isin(aug_ids, load_expdesign(layout.expdesign_path(data / "nsd")).sharedix).any()
+    import h5py
+
+    with h5py.File(aug["stimuli"], "r") as f:
+        np.testing.assert_array_equal(f["imgBrick"][5], read_images(data / "nsd", aug_ids[5:6])[0])
+    subj = np.load(aug["subject"])
+    assert np.bincount(subj).tolist() == [8, 8, 8] == aug["per_subject"]
+    enc = load(stage("encoder")["model"])
+    local = np.arange(24)
+    dd = _Data(sec, type("R", (), {"features_root": data / "features"}))
+    tokens = [np.asarray(dd.features(layer, local, aug["stimuli"]).tokens) for layer in ("blocks.10", "blocks.15")]
+    Ya = np.load(aug["responses"])
+    for s in range(3):
+        rows = np.nonzero(subj == s)[0]
+        V = ms.n_voxels[s]
+        np.testing.assert_allclose(Ya[rows, :V], enc.predict([t[rows] for t in tokens], s), rtol=1e-5, atol=1e-5)
+        assert (Ya[rows, V:] == 0).all()
+    assert stage("bit.semantic")["n_augmented"] == 24 == stage("bit.lowlevel")["n_augmented"]
+
     # clusters: shared ids, maps in subject space
     cl = load(stage("clusters")["model"])
     assert cl.sizes().shape == (3, 6)
@@ -132,3 +162,5 @@ def test_decode_spec_errors(tmp_path):
         load_pipeline(spec, overrides=["bit_semantic.loss='l1'"])
     with pytest.raises(ConfigError, match="encoder.voxel"):
         load_pipeline(spec, overrides=["encoder.voxels=3"])
+    with pytest.raises(ConfigError, match="augment.n_images"):
+        load_pipeline(spec, overrides=["augment.n_images=-1"])
