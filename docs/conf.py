@@ -78,6 +78,8 @@ nitpick_ignore = [
     # private base classes the BrainMAE estimators share (documented members are shown on each class)
     ("py:class", "brainenc.pretraining.brainmae._Base"),
     ("py:class", "brainenc.pretraining.brainmae._BrainMAEFinetune"),
+    # the private base of the two Brain-IT networks (its public members are shown on each class)
+    ("py:class", "brainenc.decoding.brainit._MultiSubjectNet"),
     ("py:class", "brainenc.workflows.spec.PipelineMeta"),
     ("py:class", "brainenc.datasets.nsd.BetasHeader"),
     # RoutingEncoder's docstring says :data:`PRESETS`, which brainenc.encoding does not export

@@ -163,3 +163,17 @@ def test_a_volatile_stage_runs_every_time_and_its_dependants_follow_its_outputs(
     world["fingerprint"] = "v1"  # and back: the key is the one of the first run again
     run_stages(tmp_path, stages)
     assert read_stage_record(tmp_path, "use")["key"] == key_v1
+
+
+def test_checkpoint_dir_is_per_stage_key_and_drops_other_keys(tmp_path):
+    from brainenc.workflows.engine import StageContext
+
+    a = StageContext(tmp_path, "fit", "a" * 64, {}).checkpoint_dir("enc")
+    (a / "ckpt.safetensors").write_bytes(b"x")
+    assert a == tmp_path / "train" / "enc" / ("a" * 16)
+    assert StageContext(tmp_path, "fit", "a" * 64, {}).checkpoint_dir("enc") == a and (a / "ckpt.safetensors").exists()
+    (tmp_path / "train" / "enc" / "stray.txt").write_text("old layout")
+    b = StageContext(tmp_path, "fit", "b" * 64, {}).checkpoint_dir("enc")  # another configuration
+    assert b.is_dir() and sorted(p.name for p in (tmp_path / "train" / "enc").iterdir()) == ["b" * 16]
+    assert StageContext(tmp_path, "other", "c" * 64, {}).checkpoint_dir("dec").parent.name == "dec"
+    assert b.is_dir()  # other names untouched
