@@ -138,3 +138,28 @@ def test_unseen_images_of_a_real_root_come_from_its_stimuli_file(tmp_path):
     np.testing.assert_array_equal(read_images(tmp_path, [7, 2]), brick[[7, 2]])
     with pytest.raises(DataFormatError, match="missing"):
         read_images(tmp_path / "nowhere", [0])
+
+
+def test_augment_stimuli_real_in_place_simulated_rendered_once(jittered, tmp_path):
+    from brainenc.datasets.unseen import read_images
+    from brainenc.features import HDF5Images
+    from brainenc.workflows.decode import _augment_stimuli
+
+    root, _ = jittered
+    ids = np.array([5, 70001, 123], dtype=np.int64)
+    stim, rows = _augment_stimuli(root, ids, tmp_path / "sim")  # simulated: a run-local brick, row = position
+    assert stim == tmp_path / "sim" / "stimuli.hdf5" and rows.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(HDF5Images(stim).read(rows[::-1]), read_images(root, ids[::-1]))
+
+    real = tmp_path / "real"  # a real root: the 73k brick is used in place, rows are the ids themselves
+    path = layout.stimuli_path(real)
+    path.parent.mkdir(parents=True)
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("imgBrick", shape=(layout.N_IMAGES_73K, 4, 4, 3), dtype=np.uint8, chunks=(1, 4, 4, 3))
+        d[123] = 7
+    stim, rows = _augment_stimuli(real, ids, tmp_path / "out")
+    assert stim == path and rows.tolist() == ids.tolist() and not (tmp_path / "out").exists()
+    assert (HDF5Images(stim).read(rows[2:]) == 7).all()
+    path.unlink()
+    with pytest.raises(DataFormatError, match="nsd_stimuli.hdf5: missing"):
+        _augment_stimuli(real, ids, tmp_path / "out")

@@ -260,11 +260,14 @@ class _Data:
         return self._cache[path]
 
     def features(self, layer, image_ids, stimuli):
+        import hashlib
+
         from brainenc.features import HDF5Images, extract_features
 
-        key = ("features", str(layer), str(stimuli))
+        ids = np.ascontiguousarray(np.asarray(image_ids, dtype=np.int64))
+        key = ("features", str(layer), str(stimuli), hashlib.sha256(ids.tobytes()).hexdigest())
         if key not in self._cache:
-            self._cache[key] = extract_features(HDF5Images(stimuli), image_ids, self.sec["features"].spec(layer),
+            self._cache[key] = extract_features(HDF5Images(stimuli), ids, self.sec["features"].spec(layer),
                                                 cache_dir=self.run.features_root)
         return self._cache[key]
 
@@ -412,13 +415,41 @@ def _stage_encoder(sec, data: _Data):
     return body
 
 
+def _augment_stimuli(root: Path, ids: np.ndarray, folder: Path) -> tuple[Path, np.ndarray]:
+    """(stimuli file, its rows) holding the unseen images ``ids`` of ``root``.
+
+    A real NSD root's ``nsd_stimuli.hdf5`` already has every 73k image (row = 0-based id): it is used
+    in place. A simulated root renders the images once into ``folder/stimuli.hdf5`` (row = position
+    in ``ids``), written atomically.
+    """
+    import h5py
+
+    from brainenc._utils.io import atomic_path
+    from brainenc._utils.logging import progress
+    from brainenc.datasets import layout
+    from brainenc.datasets.unseen import read_images
+
+    ids = np.asarray(ids, dtype=np.int64)
+    if layout.simulation_manifest(root) is None:
+        path = layout.stimuli_path(root)
+        if not path.is_file():
+            raise DataFormatError(f"{path}: missing; augmentation images come from the NSD stimuli file")
+        return path, ids
+    stim, n = folder / "stimuli.hdf5", len(ids)
+    first = read_images(root, ids[:1])
+    with atomic_path(stim) as tmp:
+        with h5py.File(tmp, "w") as h:
+            dset = h.create_dataset("imgBrick", shape=(n,) + first.shape[1:], dtype=np.uint8,
+                                    chunks=(1,) + first.shape[1:], compression="gzip", compression_opts=1)
+            for b in progress(range(0, n, 32), desc="augment: rendering unseen images", total=-(-n // 32),
+                              unit="block"):
+                dset[b:b + 32] = read_images(root, ids[b:b + 32])
+    return stim, np.arange(n, dtype=np.int64)
+
+
 def _stage_augment(sec, run, data: _Data):
     def body(ctx: StageContext) -> dict:
-        import h5py
-
-        from brainenc._utils.io import atomic_path
-        from brainenc._utils.logging import progress
-        from brainenc.datasets.unseen import read_images, unseen_image_ids
+        from brainenc.datasets.unseen import unseen_image_ids
         from brainenc.decoding.brainit import UniversalBrainEncoder
         from brainenc.training.data import RowSubset
 
@@ -431,16 +462,9 @@ def _stage_augment(sec, run, data: _Data):
         n = len(ids)
         folder = ctx.run_dir / "augment"
         folder.mkdir(parents=True, exist_ok=True)
-        stim = folder / "stimuli.hdf5"
-        first = read_images(run.nsd_root, ids[:1])
-        with atomic_path(stim) as tmp:
-            with h5py.File(tmp, "w") as h:
-                dset = h.create_dataset("imgBrick", shape=(n,) + first.shape[1:], dtype=np.uint8,
-                                        chunks=(1,) + first.shape[1:], compression="gzip", compression_opts=1)
-                for b in progress(range(0, n, 32), desc="augment: unseen images", total=-(-n // 32), unit="block"):
-                    dset[b:b + 32] = read_images(run.nsd_root, ids[b:b + 32])
-        local = np.arange(n, dtype=np.int64)  # rows of augment/stimuli.hdf5
         np.save(folder / "image_ids.npy", ids)
+        stim, local = _augment_stimuli(run.nsd_root, ids, folder)
+        np.save(folder / "feature_ids.npy", local)
         enc = UniversalBrainEncoder.from_pretrained(ctx.inputs["encoder"]["model"])
         tokens = [_rows_of(data.features(layer, local, str(stim)), local) for layer in f.encoder_layers]
         S = len(ms.subjects)
@@ -468,8 +492,10 @@ def _stage_augment(sec, run, data: _Data):
                                   f"{frec['lowlevel']['group_sizes']} (image sizes differ?)")
         per = np.bincount(subject, minlength=S).tolist()
         log.info("augment: %d unseen images (%s per subject) in %.1f s", n, per, time.perf_counter() - t0)
-        files = [str(stim), str(resp_path), str(low_path), str(folder / "subject.npy"), str(folder / "image_ids.npy")]
-        return {"stimuli": str(stim), "n_images": n, "image_ids": str(folder / "image_ids.npy"),
+        files = [str(resp_path), str(low_path), str(folder / "subject.npy"), str(folder / "image_ids.npy"),
+                 str(folder / "feature_ids.npy")] + ([str(stim)] if stim.parent == folder else [])
+        return {"stimuli": str(stim), "feature_ids": str(folder / "feature_ids.npy"), "n_images": n,
+                "image_ids": str(folder / "image_ids.npy"),
                 "subject": str(folder / "subject.npy"), "responses": str(resp_path), "per_subject": per,
                 "lowlevel": str(low_path), "files": files}
     return body
@@ -479,7 +505,7 @@ def _augment_set(data: _Data, arec: dict, target: str) -> tuple:
     """(responses [m, V_max], subject [m], targets [m, M, D]) of the synthetic examples (lazy)."""
     y = np.load(arec["responses"], mmap_mode="r", allow_pickle=False)
     subject = np.load(arec["subject"], allow_pickle=False)
-    local = np.arange(len(subject), dtype=np.int64)
+    local = np.load(arec["feature_ids"], allow_pickle=False)
     if target == "semantic":
         tgt = _rows_of(data.features(data.sec["features"].semantic_layer, local, arec["stimuli"]), local)
     else:
