@@ -13,9 +13,10 @@ Stage graph (one run over a group of subjects, ``runs/<pipeline>/<run name>``)::
   the semantic target layer and the low-level layers (tiled to one width, ``features/lowlevel.npy``).
 - ``encoder``: the universal encoder on the training rows of all base subjects (models/encoder).
 - ``augment`` (with ``[augment] n_images > 0``): synthetic fMRI, the paper's EXT set. ``n_images``
-  73k images that no subject of the run saw (never the shared1000; rendered on a simulated root),
-  each given to one base subject (balanced, seeded), whose responses the universal encoder predicts;
-  their target tokens too (``augment/``).
+  extra images: rows of ``[augment] images`` (an HDF5 image brick, e.g. COCO images outside NSD, as
+  the paper) or, by default, 73k images that no subject of the run saw (never the shared1000; rendered
+  on a simulated root). Each is given to one base subject (balanced, seeded), whose responses the
+  universal encoder predicts; their target tokens too (``augment/``).
 - ``clusters``: the Gaussian mixture on its voxel embeddings (models/clusters).
 - ``bit.semantic`` / ``bit.lowlevel``: one BIT per target (MSE / multi-scale InfoNCE), on the real
   training rows plus the synthetic ones when ``augment`` ran (validation on real rows only).
@@ -164,16 +165,43 @@ class DecodeAugment:
         universal encoder predicts that subject's responses, and BIT trains on them with the real rows.
     seed : int
         Which unseen images, and which subject each goes to.
+    images : str
+        ``""`` (default): the NSD root's 73k images that no subject of the run saw, minus the shared1000.
+        A run over all 8 NSD subjects leaves none (every 73k image is in some subject's design): give
+        instead the path of an HDF5 file whose dataset ``imgBrick`` holds uint8 ``[n, H, W, 3]`` extra
+        images (the paper uses COCO images outside NSD); ``n_images`` of its rows are drawn with ``seed``.
+        The stage is keyed by the file's identity, so replacing the file re-runs it.
     """
 
     n_images: int = 0
     seed: int = 0
+    images: str = ""
 
     def check(self) -> None:
         for name in ("n_images", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"'augment.{name}' must be an integer >= 0; {v!r} was provided")
+        if not isinstance(self.images, str):
+            raise ConfigError(f"'augment.images' must be a path string (\"\" = the NSD root's unseen images); "
+                              f"{self.images!r} was provided")
+
+    def image_file(self):
+        """The external image brick (:class:`~brainenc.features.HDF5Images`), checked against ``n_images``;
+        None for the NSD root's unseen images. A missing or malformed file is a one-line error."""
+        if not self.images:
+            return None
+        from brainenc.features import HDF5Images
+
+        path = Path(self.images).expanduser()
+        if not path.is_file():
+            raise DataFormatError(f"augment.images: {path} does not exist (an HDF5 file with an 'imgBrick' "
+                                  "dataset of uint8 [n, H, W, 3] images)")
+        brick = HDF5Images(path)
+        if self.n_images > len(brick):
+            raise DataFormatError(f"augment.images: {path} holds {len(brick)} images; n_images = "
+                                  f"{self.n_images} were asked for")
+        return brick
 
 
 @dataclasses.dataclass
@@ -415,6 +443,26 @@ def _stage_encoder(sec, data: _Data):
     return body
 
 
+def _augment_source(root: Path, a: "DecodeAugment", seen, folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """(stimuli file, its rows, image ids) of the ``a.n_images`` augmentation images.
+
+    With ``a.images`` the rows are drawn (seeded, ascending, no repeats) from that file, used in place,
+    and the ids are those rows. Otherwise the ids are 73k ids of ``root`` outside ``seen`` and the
+    shared1000 (:func:`~brainenc.datasets.unseen.unseen_image_ids`) and the file comes from
+    :func:`_augment_stimuli`.
+    """
+    brick = a.image_file()
+    if brick is not None:
+        rows = np.sort(np.random.default_rng([int(a.seed), 0xE72]).choice(len(brick), size=int(a.n_images),
+                                                                          replace=False)).astype(np.int64)
+        return brick.path.resolve(), rows, rows
+    from brainenc.datasets.unseen import unseen_image_ids
+
+    ids = unseen_image_ids(root, seen, a.n_images, a.seed)
+    stim, rows = _augment_stimuli(root, ids, folder)
+    return stim, rows, ids
+
+
 def _augment_stimuli(root: Path, ids: np.ndarray, folder: Path) -> tuple[Path, np.ndarray]:
     """(stimuli file, its rows) holding the unseen images ``ids`` of ``root``.
 
@@ -449,7 +497,6 @@ def _augment_stimuli(root: Path, ids: np.ndarray, folder: Path) -> tuple[Path, n
 
 def _stage_augment(sec, run, data: _Data):
     def body(ctx: StageContext) -> dict:
-        from brainenc.datasets.unseen import unseen_image_ids
         from brainenc.decoding.brainit import UniversalBrainEncoder
         from brainenc.training.data import RowSubset
 
@@ -458,12 +505,11 @@ def _stage_augment(sec, run, data: _Data):
         frec = ctx.inputs["features"]
         ms = data.multi(ctx.inputs["data"])
         t0 = time.perf_counter()
-        ids = unseen_image_ids(run.nsd_root, frec["image_ids_all"], a.n_images, a.seed)
-        n = len(ids)
         folder = ctx.run_dir / "augment"
         folder.mkdir(parents=True, exist_ok=True)
+        stim, local, ids = _augment_source(run.nsd_root, a, frec["image_ids_all"], folder)
+        n = len(ids)
         np.save(folder / "image_ids.npy", ids)
-        stim, local = _augment_stimuli(run.nsd_root, ids, folder)
         np.save(folder / "feature_ids.npy", local)
         enc = UniversalBrainEncoder.from_pretrained(ctx.inputs["encoder"]["model"])
         tokens = [_rows_of(data.features(layer, local, str(stim)), local) for layer in f.encoder_layers]
@@ -491,10 +537,12 @@ def _stage_augment(sec, run, data: _Data):
             raise DataFormatError(f"{low_path}: low-level scales {sizes} differ from the real images' "
                                   f"{frec['lowlevel']['group_sizes']} (image sizes differ?)")
         per = np.bincount(subject, minlength=S).tolist()
-        log.info("augment: %d unseen images (%s per subject) in %.1f s", n, per, time.perf_counter() - t0)
+        log.info("augment: %d %s (%s per subject) in %.1f s", n, f"images of {stim}" if a.images else "unseen images",
+                 per, time.perf_counter() - t0)
         files = [str(resp_path), str(low_path), str(folder / "subject.npy"), str(folder / "image_ids.npy"),
                  str(folder / "feature_ids.npy")] + ([str(stim)] if stim.parent == folder else [])
-        return {"stimuli": str(stim), "feature_ids": str(folder / "feature_ids.npy"), "n_images": n,
+        return {"stimuli": str(stim), "source": "file" if a.images else "nsd_unseen",
+                "feature_ids": str(folder / "feature_ids.npy"), "n_images": n,
                 "image_ids": str(folder / "image_ids.npy"),
                 "subject": str(folder / "subject.npy"), "responses": str(resp_path), "per_subject": per,
                 "lowlevel": str(low_path), "files": files}
@@ -735,7 +783,11 @@ def build_decode_graph(spec, run) -> list[Stage]:
     ]
     bit_deps = ["data", "features", "clusters"]
     if sec["augment"].n_images > 0:
-        stages.append(Stage("augment", _stage_augment(sec, run, data), to_dict(sec["augment"]),
+        brick = sec["augment"].image_file()  # a missing or too small image file stops the run here, before any work
+        aug_cfg = {k: v for k, v in to_dict(sec["augment"]).items() if k != "images"}  # "" keeps older run keys
+        if brick is not None:
+            aug_cfg.update(images=str(brick.path.resolve()), images_identity=brick.identity())
+        stages.append(Stage("augment", _stage_augment(sec, run, data), aug_cfg,
                             deps=["data", "features", "encoder"]))
         bit_deps.append("augment")
     stages += [

@@ -164,3 +164,101 @@ def test_decode_spec_errors(tmp_path):
         load_pipeline(spec, overrides=["encoder.voxels=3"])
     with pytest.raises(ConfigError, match="augment.n_images"):
         load_pipeline(spec, overrides=["augment.n_images=-1"])
+
+
+def _brick(path: Path, n: int, fill: int = 0) -> Path:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("imgBrick", data=np.full((n, 8, 8, 3), fill, dtype=np.uint8))
+    return path
+
+
+def test_augment_images_file_is_checked_before_any_work(tmp_path):
+    from brainenc.exceptions import DataFormatError
+
+    spec, data = _spec(tmp_path), tmp_path / "data"
+    with pytest.raises(DataFormatError, match=r"augment.images: .*missing.hdf5 does not exist"):
+        run_pipeline(spec, data_dir=data, overrides=[f"augment.images={tmp_path / 'missing.hdf5'}"])
+    with pytest.raises(DataFormatError, match=r"holds 10 images; n_images = 24"):
+        run_pipeline(spec, data_dir=data, overrides=[f"augment.images={_brick(tmp_path / 'small.hdf5', 10)}"])
+    import h5py
+
+    with h5py.File(tmp_path / "float.hdf5", "w") as f:
+        f.create_dataset("imgBrick", data=np.zeros((30, 8, 8, 3), np.float32))
+    with pytest.raises(DataFormatError, match=r"float.hdf5: dataset 'imgBrick' must be uint8"):
+        run_pipeline(spec, data_dir=data, overrides=[f"augment.images={tmp_path / 'float.hdf5'}"])
+    assert not (data / "nsd").exists()  # nothing was simulated
+    with pytest.raises(ConfigError, match="augment.images"):
+        run_pipeline(spec, data_dir=data, overrides=["augment.images=3"])
+
+
+def test_augment_stage_key_follows_the_images_file(tmp_path):
+    from brainenc.workflows.decode import build_decode_graph
+
+    spec = _spec(tmp_path)
+    brick = _brick(tmp_path / "extra.hdf5", 40)
+
+    def aug_config(overrides):
+        stages = build_decode_graph(load_pipeline(spec, overrides=overrides), run=None)
+        return next(s.config for s in stages if s.name == "augment")
+
+    default = aug_config([])
+    assert "images" not in default  # the default key is the one older runs have
+    first = aug_config([f"augment.images={brick}"])
+    assert first["images"] == str(brick.resolve()) and first == aug_config([f"augment.images={brick}"])
+    _brick(brick, 40, fill=9)  # same name and shape, other pixels
+    assert aug_config([f"augment.images={brick}"])["images_identity"] != first["images_identity"]
+
+
+def test_augment_source_draws_rows_of_the_file(tmp_path):
+    from brainenc.exceptions import DataFormatError
+    from brainenc.workflows.decode import DecodeAugment, _augment_source
+
+    brick = _brick(tmp_path / "extra.hdf5", 10)
+    a = DecodeAugment(n_images=4, seed=3, images=str(brick))
+    stim, rows, ids = _augment_source(tmp_path / "no_nsd_root", a, seen=[], folder=tmp_path / "aug")
+    assert stim == brick.resolve() and rows.tolist() == ids.tolist() and rows.dtype == np.int64
+    assert rows.tolist() == sorted(set(rows.tolist())) and 0 <= rows.min() and rows.max() < 10 and rows.size == 4
+    assert _augment_source(tmp_path, a, [], tmp_path / "aug")[1].tolist() == rows.tolist()  # seeded
+    draws = {tuple(_augment_source(tmp_path, DecodeAugment(4, s, str(brick)), [], tmp_path)[1]) for s in range(6)}
+    assert len(draws) > 1
+    assert not (tmp_path / "aug").exists()  # the file is used in place
+    with pytest.raises(DataFormatError, match="holds 10 images; n_images = 11"):
+        _augment_source(tmp_path, DecodeAugment(11, 0, str(brick)), [], tmp_path)
+
+
+@pytest.mark.slow
+def test_decode_augment_from_an_images_file(tmp_path):
+    """The augment stage on an external image brick of another image size: rows drawn from the file, the
+    encoder's predictions for them, low-level tokens of the real images' scales."""
+    import h5py
+
+    from brainenc import load
+    from brainenc.workflows.decode import _Data
+
+    rng = np.random.default_rng(0)
+    brick = tmp_path / "extra.hdf5"
+    with h5py.File(brick, "w") as f:
+        f.create_dataset("imgBrick", data=rng.integers(0, 256, (40, 96, 96, 3), dtype=np.uint8))
+    data = tmp_path / "data"
+    spec = _spec(tmp_path)
+    run = run_pipeline(spec, data_dir=data, overrides=[f"augment.images={brick}"], stages=["augment"])
+    aug = json.loads((run / "stages" / "augment.json").read_text())["outputs"]
+    assert aug["source"] == "file" and aug["stimuli"] == str(brick.resolve()) and aug["n_images"] == 24
+    rows = np.load(aug["feature_ids"])
+    np.testing.assert_array_equal(rows, np.load(aug["image_ids"]))
+    assert rows.size == 24 and np.unique(rows).size == 24 and rows.max() < 40
+    assert not (run / "augment" / "stimuli.hdf5").exists()
+    sec = load_pipeline(spec).sections
+    enc = load(json.loads((run / "stages" / "encoder.json").read_text())["outputs"]["model"])
+    dd = _Data(sec, type("R", (), {"features_root": data / "features"}))
+    tokens = [np.asarray(dd.features(layer, rows, aug["stimuli"]).tokens) for layer in ("blocks.10", "blocks.15")]
+    subj, Ya = np.load(aug["subject"]), np.load(aug["responses"])
+    for s in range(3):
+        r = np.nonzero(subj == s)[0]
+        V = enc.voxel_counts_[s]
+        np.testing.assert_allclose(Ya[r, :V], enc.predict([t[r] for t in tokens], s), rtol=1e-5, atol=1e-5)
+        assert (Ya[r, V:] == 0).all()
+    low = np.load(aug["lowlevel"], mmap_mode="r")
+    assert low.shape[0] == 24 and np.isfinite(np.asarray(low, np.float32)).all()
