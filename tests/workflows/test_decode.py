@@ -262,3 +262,14 @@ def test_decode_augment_from_an_images_file(tmp_path):
         assert (Ya[r, V:] == 0).all()
     low = np.load(aug["lowlevel"], mmap_mode="r")
     assert low.shape[0] == 24 and np.isfinite(np.asarray(low, np.float32)).all()
+
+
+def test_augment_pool_too_small_names_the_way_out(tmp_path):
+    from brainenc.datasets.simulate import SimulationConfig, simulate_subject
+    from brainenc.exceptions import DataFormatError
+    from brainenc.workflows.decode import DecodeAugment, _augment_source
+
+    root = tmp_path / "nsd"
+    simulate_subject(root, SimulationConfig(subject="subj01", n_sessions=1, n_shared=50, grid=(16, 20, 16)))
+    with pytest.raises(DataFormatError, match=r"only \d+ 73k ids .*give '\[augment\] images'"):
+        _augment_source(root, DecodeAugment(n_images=73000), seen=[], folder=tmp_path / "aug")
