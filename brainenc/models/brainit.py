@@ -317,6 +317,10 @@ class UniversalEncoderModel(nn.Module):
     feat_embed : Parameter [embed_dim, L * token_dim]
     """
 
+    #: one embedding block per subject: a batch (or a DDP shard) without subject s leaves its block
+    #: without a gradient (read by :class:`~brainenc.training.Trainer` under DDP)
+    ddp_find_unused_parameters = True
+
     def __init__(self, arch: UniversalEncoderArchitecture, *, layer_shapes: Sequence[tuple[int, int]],
                  voxel_counts: Sequence[int]):
         super().__init__()
@@ -590,6 +594,10 @@ class BrainIT(nn.Module):
     self_layers, cross_layers : ModuleList
         ``n_self`` and ``n_self + 1`` blocks.
     """
+
+    #: one embedding block per subject: a batch (or a DDP shard) without subject s leaves its block
+    #: without a gradient (read by :class:`~brainenc.training.Trainer` under DDP)
+    ddp_find_unused_parameters = True
 
     def __init__(self, arch: BrainITArchitecture, *, voxel_counts: Sequence[int], n_clusters: int, n_queries: int,
                  out_dim: int):

@@ -392,7 +392,12 @@ class Trainer:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            train_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # a model whose batches leave some parameters without a gradient (one embedding block per
+            # subject: a shard without subject s) says so; DDP then finds them each step instead of
+            # waiting for their gradients, which would pair different collectives across ranks
+            find_unused = bool(getattr(model, "ddp_find_unused_parameters", False))
+            train_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                              find_unused_parameters=find_unused)
         loader, sampler = make_dict_loader(train_ds, batch_size=cfg.batch_size, generator=gen, rank=rank,
                                            world=world, num_workers=cfg.num_workers)
         val_loader = None

@@ -64,3 +64,46 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
             torch.testing.assert_close(b[k], a[k], **tolerances[name], msg=f"{name}: parameter {k} differs")
         # the run really trained (weights moved away from the shared initialisation): the match is not vacuous
         assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-2, name
+
+
+@pytest.mark.slow
+def test_torchrun_brainit_estimators_match_single_process(tmp_path):
+    """The universal encoder and BIT under 2-rank DDP (one embedding block per subject; subject 2 in one
+    training row, so its block has a gradient on one rank in one step and on none in the others) end
+    where a single process ends on the same global batches."""
+    sys.path.insert(0, str(HERE))
+    try:
+        import ddp_brainit_worker
+    finally:
+        sys.path.remove(str(HERE))
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir()
+    multi.mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ddp_brainit_worker.run(str(single))
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BRAINENC_QUIET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(HERE / "ddp_brainit_worker.py"), str(multi)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Tolerances as in the test above: all-reduce rounding (~1e-7 of the summed terms) becomes, through
+    # Adam's per-element normalisation, at most ~1e-3 of lr per parameter (measured: encoder 3e-8 with
+    # lr 1e-3, BIT 1.2e-7 with lr 5e-4). A rank that misses the all-reduce errs by ~lr per step.
+    # The encoder's key biases (project_x.bias) are left out: a bias added to every key shifts all
+    # of a query's scores equally, which the softmax cancels, so their gradient is exactly zero and
+    # Adam turns its rounding noise into steps of ~lr (measured 1e-5 .. 1e-4 apart).
+    for name, lr in (("encoder", 1e-3), ("bit", 5e-4)):
+        a, b = load_tensors(single / f"{name}.safetensors"), load_tensors(multi / f"{name}.safetensors")
+        init = load_tensors(single / f"{name}_init.safetensors")
+        assert a.keys() == b.keys() == init.keys()
+        for k in a:
+            if k.endswith("project_x.bias"):
+                continue
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-3 * lr, msg=f"{name}: parameter {k} differs")
+        moved = (a["voxel_embed.blocks.2"] - init["voxel_embed.blocks.2"]).abs().max().item()
+        assert moved > 0.5 * lr, (name, moved)  # subject 2's block took its step (~lr, Adam): the match is not vacuous
