@@ -1,6 +1,4 @@
 """2-process DDP (gloo, CPU, launched with torchrun) matches a single-process run on the same global batches."""
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +11,7 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_single_process(tmp_path):
+def test_torchrun_two_processes_match_single_process(tmp_path, torchrun):
     sys.path.insert(0, str(HERE))
     try:
         import ddp_worker
@@ -32,12 +30,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
         torch.set_num_threads(threads)
     multi = tmp_path / "multi"
     multi.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BRAINENC_QUIET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(HERE / "ddp_worker.py"), str(multi)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(HERE / "ddp_worker.py", multi)
     # float32 all-reduce sums shard gradients in another order than one process does (~1e-7 of the
     # summed terms). SGD's step is linear in the gradient: measured max |diff| 2.4e-7 (one float32 ulp
     # of the largest weights, |w| ~ 2.7) after 6 steps -> rtol 1e-5, atol 1e-6. AdamW divides each
@@ -67,7 +60,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_brainit_estimators_match_single_process(tmp_path):
+def test_torchrun_brainit_estimators_match_single_process(tmp_path, torchrun):
     """The universal encoder and BIT under 2-rank DDP (one embedding block per subject; subject 2 in one
     training row, so its block has a gradient on one rank in one step and on none in the others) end
     where a single process ends on the same global batches."""
@@ -85,12 +78,7 @@ def test_torchrun_brainit_estimators_match_single_process(tmp_path):
         ddp_brainit_worker.run(str(single))
     finally:
         torch.set_num_threads(threads)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BRAINENC_QUIET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(HERE / "ddp_brainit_worker.py"), str(multi)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(HERE / "ddp_brainit_worker.py", multi)
     # Tolerances as in the test above: all-reduce rounding (~1e-7 of the summed terms) becomes, through
     # Adam's per-element normalisation, at most ~1e-3 of lr per parameter (measured: encoder 3e-8 with
     # lr 1e-3, BIT 1.2e-7 with lr 5e-4). A rank that misses the all-reduce errs by ~lr per step.

@@ -9,10 +9,7 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -284,18 +281,13 @@ def test_resume_without_validation_is_bitwise_identical(tmp_path, reg_data, kill
 
 
 @pytest.mark.slow
-def test_masked_reconstruction_torchrun_two_processes_match_single_process(tmp_path):
+def test_masked_reconstruction_torchrun_two_processes_match_single_process(tmp_path, torchrun):
     single = tmp_path / "single"
     single.mkdir()
     one = W.run(str(single))
     multi = tmp_path / "multi"
     multi.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BRAINENC_QUIET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(HERE / "ddp_worker_objectives.py"), str(multi)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(HERE / "ddp_worker_objectives.py", multi)
     a = load_tensors(single / "weights.safetensors")
     b = load_tensors(multi / "weights.safetensors")
     assert a.keys() == b.keys()
