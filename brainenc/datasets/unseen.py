@@ -59,7 +59,8 @@ def unseen_image_ids(root: str | Path, seen, n: int, seed: int = 0) -> np.ndarra
     pool = np.nonzero(~excluded)[0]
     if n > pool.size:
         raise DataFormatError(f"{root}: {n} unseen images asked for; only {pool.size} 73k ids are neither seen by "
-                              "the run's subjects nor in the shared1000")
+                              "the run's subjects nor in the shared1000; ask for fewer, or use images from outside "
+                              "NSD (the decode task's '[augment] images')")
     return np.sort(np.random.default_rng([int(seed), 0xE71]).choice(pool, size=n, replace=False)).astype(np.int64)
 
 

@@ -458,13 +458,7 @@ def _augment_source(root: Path, a: "DecodeAugment", seen, folder: Path) -> tuple
         return brick.path.resolve(), rows, rows
     from brainenc.datasets.unseen import unseen_image_ids
 
-    try:
-        ids = unseen_image_ids(root, seen, a.n_images, a.seed)
-    except DataFormatError as exc:
-        if "unseen images asked for" not in str(exc):
-            raise
-        raise DataFormatError(f"{exc}; give '[augment] images' = an HDF5 file of extra images (e.g. COCO images "
-                              "outside NSD) or lower 'augment.n_images'") from None
+    ids = unseen_image_ids(root, seen, a.n_images, a.seed)
     stim, rows = _augment_stimuli(root, ids, folder)
     return stim, rows, ids
 

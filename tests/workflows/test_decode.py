@@ -271,5 +271,5 @@ def test_augment_pool_too_small_names_the_way_out(tmp_path):
 
     root = tmp_path / "nsd"
     simulate_subject(root, SimulationConfig(subject="subj01", n_sessions=1, n_shared=50, grid=(16, 20, 16)))
-    with pytest.raises(DataFormatError, match=r"only \d+ 73k ids .*give '\[augment\] images'"):
+    with pytest.raises(DataFormatError, match=r"only \d+ 73k ids .*use images from outside NSD .*'\[augment\] images'"):
         _augment_source(root, DecodeAugment(n_images=73000), seen=[], folder=tmp_path / "aug")
